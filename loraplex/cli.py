@@ -32,6 +32,7 @@ def _register() -> None:
 
     models_app.command("fetch")(models.fetch)
     # --- further commands are registered below, one line each ---
+    from loraplex.eval.cli import eval_command; app.command("eval")(eval_command)
 
 
 _register()
