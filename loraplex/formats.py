@@ -6,6 +6,9 @@ Accepted shapes, one JSON object per line:
 - TRL's conversational prompt-completion: ``{"prompt": [messages...], "completion": [{"role": "assistant", ...}]}``
   (what ``loraplex data prepare`` writes, so prepared files read back through the same parser).
 
+Any row may carry ``"group": "<name>"`` (e.g. the module a row was taken from): ``data prepare`` keeps each group
+wholly in train or wholly in validation, so held-out scores measure rows from unseen groups.
+
 Every shape becomes an :class:`Example`: the chat messages that make the prompt and the final assistant answer.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -32,13 +35,20 @@ class RowError(ValueError):
 class Example:
     prompt: tuple[dict, ...]  # chat messages before the answer; the last one is a user turn
     completion: str  # the final assistant turn: the training target, or the eval reference
+    group: str | None = None  # rows of one group stay together when splitting train/validation
 
     def to_trl(self) -> dict:
-        """TRL's conversational prompt-completion row: SFTTrainer applies the chat template and masks the prompt."""
-        return {"prompt": list(self.prompt), "completion": [{"role": "assistant", "content": self.completion}]}
+        """TRL's conversational prompt-completion row: SFTTrainer applies the chat template and masks the prompt.
+
+        ``group`` rides along as an extra column when set: SFTTrainer tokenises only prompt/completion, its collator
+        reads only the token columns, and ``remove_unused_columns`` (on by default) drops the rest."""
+        row = {"prompt": list(self.prompt), "completion": [{"role": "assistant", "content": self.completion}]}
+        if self.group is not None:
+            row["group"] = self.group
+        return row
 
     def key(self) -> str:
-        """Identity used to find exact duplicates (after normalisation)."""
+        """Identity used to find exact duplicates (after normalisation); the group does not count."""
         return json.dumps([list(self.prompt), self.completion], ensure_ascii=False, sort_keys=True)
 
 
@@ -86,10 +96,25 @@ def _from_messages(messages: list[dict], field: str) -> Example:
     return Example(prompt=tuple(prompt), completion=answer)
 
 
+def _group(obj: dict) -> str | None:
+    if "group" not in obj:
+        return None
+    group = obj["group"]
+    if not isinstance(group, str) or not group.strip():
+        raise RowError("bad_group", f"`group` must be a non-empty string (e.g. a module name), got {group!r}")
+    return group.strip()
+
+
 def parse_example(obj: Any) -> Example:
     """One decoded JSON line -> Example, or RowError naming the field and the fix."""
     if not isinstance(obj, dict):
         raise RowError("not_an_object", f"expected a JSON object per line, got {type(obj).__name__}")
+    example = _parse_example_body(obj)
+    group = _group(obj)
+    return example if group is None else replace(example, group=group)
+
+
+def _parse_example_body(obj: dict) -> Example:
     if "messages" in obj:
         return _from_messages(_messages(obj["messages"], "messages"), "messages")
     if "prompt" in obj and "completion" in obj:
@@ -111,8 +136,14 @@ def parse_example(obj: Any) -> Example:
     )
 
 
-def parse_line(line: str) -> Example:
-    """One raw JSONL line -> Example; broken JSON is a RowError too."""
+def parse_line(line: str | bytes) -> Example:
+    """One raw JSONL line -> Example; broken JSON (or, for bytes, broken UTF-8) is a RowError too."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError("invalid_utf8", f"not valid UTF-8 (byte {line[e.start]:#04x} at byte offset {e.start}); "
+                           "save the file as UTF-8") from None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
