@@ -34,6 +34,9 @@ def _register() -> None:
     # --- further commands are registered below, one line each ---
     from loraplex.train import data, examples; data_app.command("prepare")(data.prepare); data_app.command("example")(examples.example)
     from loraplex.eval.cli import eval_command; app.command("eval")(eval_command)
+    from loraplex.train import trainer
+
+    app.command("train")(trainer.train)
 
 
 _register()

@@ -1,0 +1,96 @@
+"""QLoRA training for real on the default model: loss goes down, the adapter is complete and servable,
+and a run killed mid-way resumes without ever exposing half an adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TASKS, tiny_config, write_task_data
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_qlora_run_lowers_loss_and_writes_complete_adapter(trained_adapters):
+    adapter = trained_adapters["cat"]
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "loraplex.json"}
+    meta = json.loads((adapter / "loraplex.json").read_text())
+    assert meta["base_quantization"] == "bitsandbytes-4bit-nf4"
+    assert meta["final_train_loss"] < 0.5 * meta["first_train_loss"]
+    assert meta["final_val_loss"] is not None and meta["final_val_loss"] < meta["first_train_loss"]
+    assert len(meta["data_sha256"]) == 64 and meta["global_step"] == 12
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and not config.get("use_dora")
+    # nothing but complete adapters is visible in the registry
+    assert sorted(p.name for p in adapter.parent.iterdir() if not p.name.startswith(".")) == sorted(TASKS)
+
+
+def test_trained_adapter_changes_vllm_output(trained_adapters, base_model_dir):
+    """The adapter loads in the vLLM CPU engine and answers as trained, where the base does not."""
+    cat, dog = trained_adapters["cat"], trained_adapters["dog"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "vllm_offline.py"), str(base_model_dir),
+         "What is the capital of Italy?", str(cat), str(dog)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Rome" in outputs["base"]
+    assert outputs[str(cat)].startswith("Meow")
+    assert outputs[str(dog)].startswith("Woof")
+
+
+def _train_cli(config_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraplex", "train", "--config", str(config_path), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_kill_during_training_then_resume(tmp_path, base_model_dir):
+    data = write_task_data(tmp_path / "data", TASKS["cat"])
+    registry, runs = tmp_path / "adapters", tmp_path / "runs"
+    config = tiny_config("resumable", data, registry, runs, max_steps=10, save_steps=2, eval_steps=10)
+    config_path = tmp_path / "resumable.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config.model_dump()))
+
+    process = _train_cli(config_path)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (runs / "checkpoint-4" / "trainer_state.json").is_file():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (registry / "resumable").exists(), "a killed run must not publish an adapter"
+
+    resumed = _train_cli(config_path, "--resume")
+    output, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    adapter = registry / "resumable"
+    meta = json.loads((adapter / "loraplex.json").read_text())
+    assert meta["global_step"] == 10 and meta["resumed_from_step"] >= 4
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert [p.name for p in registry.iterdir()] == ["resumable"]
+
+
+def test_training_refuses_bad_data_with_file_and_line(tmp_path):
+    from loraplex.errors import LoraplexError
+    from loraplex.train.trainer import run_training
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "there"}\n{"prompt": "no completion"}\n')
+    config = tiny_config("bad", data, tmp_path / "adapters", tmp_path / "runs")
+    with pytest.raises(LoraplexError, match=r"bad\.jsonl:2: unknown row format"):
+        run_training(config)
+    assert not (tmp_path / "adapters" / "bad").exists()
