@@ -154,7 +154,7 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     keep the input order."""
     if len(rows) < 2:
         raise LoraplexError(f"only {len(rows)} valid row(s): at least 2 are needed to have both a train and a val row",
-                            hint="add rows, or see rejected.jsonl reasons above to fix the rejected ones")
+                            hint="add rows")
     units: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         unit = ("group", row.example.group) if row.example.group is not None else ("row", row.line)
@@ -233,9 +233,10 @@ def prepare_dataset(
 
     rows, rejected, scan = read_rows(input_path)
     if not rows:
+        blank_only = "every line is blank" if scan["counts"]["lines"] else "the file is empty"
+        why = _rejection_summary(rejected) or blank_only
         raise LoraplexError(
-            f"no valid row in {input_path} ({scan['counts']['lines']} lines, {len(rejected)} unusable):\n  "
-            + (_rejection_summary(rejected) or "the file is empty"),
+            f"no valid row in {input_path} ({scan['counts']['lines']} lines, {len(rejected)} unusable):\n  {why}",
             hint='each line must be {"prompt": ..., "completion": ...} or {"messages": [...]} ending with an '
                  "assistant turn",
         )
