@@ -32,6 +32,7 @@ def _register() -> None:
 
     models_app.command("fetch")(models.fetch)
     # --- further commands are registered below, one line each ---
+    from loraplex.serve.cli import serve; app.command("serve")(serve)
     from loraplex.train import data, examples; data_app.command("prepare")(data.prepare); data_app.command("example")(examples.example)
     from loraplex.eval.cli import eval_command; app.command("eval")(eval_command)
     from loraplex.train import trainer

@@ -104,3 +104,16 @@ def make_corrupt_weights_copy(src: Path | str, dst: Path | str) -> Path:
     weights = dst / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     return dst
+
+
+def make_half_missing_copy(src: Path | str, dst: Path | str) -> Path:
+    """One module's lora_B tensor removed: config and shapes pass every check before loading, and vLLM's
+    loader is what refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    dst = copy_adapter(src, dst)
+    weights = dst / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors[next(k for k in sorted(tensors) if "lora_B" in k)]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return dst

@@ -23,6 +23,12 @@ import httpx
 
 READY_TIMEOUT_S = 180.0
 _LOGS: dict[str, Path] = {}
+_PROCS: dict[str, subprocess.Popen] = {}
+
+
+def server_pid(base_url: str) -> int:
+    """The process id of a server started by `running_server` (its engine core runs in a child process)."""
+    return _PROCS[base_url].pid
 
 
 def server_log(base_url: str) -> str:
@@ -54,6 +60,7 @@ def running_server(base_model, adapters_dir, *extra_args, env=None, ready_timeou
                             start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     _LOGS[base_url] = Path(log.name)
+    _PROCS[base_url] = proc
     try:
         _wait_ready(proc, base_url, Path(log.name), ready_timeout)
         yield base_url

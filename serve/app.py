@@ -1,0 +1,319 @@
+"""The HTTP layer: thin FastAPI routes, authentication, body limits, error handlers, and the server's lifecycle
+(engine start, registry scanning, uvicorn, shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraplex.serve.config import ServeConfig
+from loraplex.serve.errors import APIError, error_response, model_not_found
+from loraplex.serve.protocol import ChatCompletionRequest, CompletionRequest, RegisterAdapterRequest, dump
+from loraplex.serve.serving import Serving, engine_unavailable
+
+log = logging.getLogger("loraplex.serve")
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+# ---------------------------------------------------------------- authentication
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    # Compare with every key in constant time, so timing tells nothing about which key (or prefix) was close.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def _unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key(request: Request) -> None:
+    config: ServeConfig = request.app.state.serving.config
+    if not config.api_keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not _matches(token, config.api_keys + ([config.admin_key] if config.admin_key else [])):
+        raise _unauthorized("invalid API key")
+
+
+def require_admin(request: Request) -> None:
+    config: ServeConfig = request.app.state.serving.config
+    if config.admin_key is None:
+        if config.api_keys:
+            raise APIError(403, "adapter administration is disabled: the server has API keys but no --admin-key",
+                           code="admin_disabled")
+        return
+    token = _bearer(request)
+    if token is None:
+        raise _unauthorized("missing admin key: send 'Authorization: Bearer <admin key>'")
+    if not _matches(token, [config.admin_key]):
+        if _matches(token, config.api_keys):
+            raise APIError(403, "this route needs the admin key", code="admin_key_required")
+        raise _unauthorized("invalid admin key")
+
+
+# ---------------------------------------------------------------- request body limit
+
+class BodyLimit:
+    """Reads the request body up front and refuses it with 413 beyond `max_bytes`, however it is sent
+    (Content-Length or chunked), before anything parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client gone before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as the app expects
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        error = APIError(413, f"request body is larger than this server's limit of {self.max_bytes} bytes",
+                         code="request_too_large")
+        await error_response(error)(scope, receive, send)
+
+
+# ---------------------------------------------------------------- error handlers
+
+def _param(loc: tuple) -> str | None:
+    """'messages[0].role' from pydantic's ('body', 'messages', 0, 'role'); stops at union branch names."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.isidentifier() and part not in _TYPE_NAMES:
+            param += ("." if param else "") + part
+        else:
+            break
+    return param or None
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_response(APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error')}",
+                                       code="invalid_json"))
+    loc = tuple(first.get("loc", ()))
+    param = _param(loc)
+    if first.get("type") == "missing" and param is None:
+        return error_response(APIError(400, "request body is required (a JSON object)", code="missing_body"))
+    where = param or "request body"
+    message = f"{where}: {first.get('msg', 'invalid value')}"
+    if first.get("type") == "missing":
+        message = f"{where}: this field is required"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return error_response(APIError(400, message, param=param, code=code))
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    from loraplex.serve.engine import is_engine_dead
+
+    if is_engine_dead(exc):
+        return error_response(engine_unavailable())
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error"))
+
+
+# ---------------------------------------------------------------- disconnects
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work):
+    """Run a non-streaming handler, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, APIError):
+            await task
+        return Response(status_code=499)
+    return task.result()
+
+
+# ---------------------------------------------------------------- routes
+
+def create_app(serving: Serving) -> FastAPI:
+    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    api = [Depends(require_api_key)]
+    admin = [Depends(require_admin)]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        from loraplex.serve.engine import engine_errored
+
+        if engine_errored(serving.engine):
+            raise engine_unavailable()
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=api)
+    async def list_models():
+        return dump(await serving.model_list())
+
+    @app.get("/v1/models/{model:path}", dependencies=api)
+    async def get_model(model: str):
+        for card in (await serving.model_list()).data:
+            if card.id == model:
+                return dump(card)
+        raise model_not_found(model)
+
+    @app.post("/v1/chat/completions", dependencies=api)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await until_disconnect(request, serving.chat(body, request))
+
+    @app.post("/v1/completions", dependencies=api)
+    async def completions(body: CompletionRequest, request: Request):
+        return await until_disconnect(request, serving.completion(body, request))
+
+    @app.get("/v1/adapters", dependencies=api)
+    async def list_adapters():
+        await serving.adapters.scan()
+        return {"object": "list", "data": serving.adapters.describe()}
+
+    @app.post("/v1/adapters", dependencies=admin)
+    async def register_adapter(body: RegisterAdapterRequest):
+        version = await serving.adapters.register(body.name, body.path)
+        return {"name": version.name, "status": "loaded", "path": str(version.path), "rank": version.info.rank,
+                "lora_id": version.lora_id}
+
+    @app.delete("/v1/adapters/{name}", dependencies=admin)
+    async def delete_adapter(name: str):
+        await serving.adapters.unregister(name)
+        return {"name": name, "deleted": True}
+
+    return BodyLimit(app, serving.config.max_request_bytes)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+async def _rescan_forever(serving: Serving, interval: float) -> None:
+    from loraplex.serve.aliases import load_aliases
+
+    aliases_mtime = _mtime(serving.config.aliases_file)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await serving.adapters.scan()
+            mtime = _mtime(serving.config.aliases_file)
+            if mtime != aliases_mtime:
+                aliases_mtime = mtime
+                serving.set_aliases(load_aliases(serving.config.aliases_file))
+                log.info("aliases reloaded from %s", serving.config.aliases_file)
+        except Exception as e:  # a bad file must not stop the scanning; it is logged and retried
+            log.warning("registry scan failed: %s", e)
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+async def run(config: ServeConfig) -> None:
+    """Start the engine, load the registry, serve until SIGINT/SIGTERM, then stop the engine."""
+    import uvicorn
+
+    from loraplex.registry import list_adapters
+    from loraplex.serve import engine as eng
+    from loraplex.serve.adapters import AdapterManager, base_module_shapes, size_loras, supported_lora_ranks
+    from loraplex.serve.aliases import load_aliases
+    from loraplex.serve.metrics import Metrics
+
+    aliases = load_aliases(config.aliases_file)
+    found, _ = list_adapters(config.adapters_dir)
+    loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
+                       max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks())
+    tokenizer = eng.load_tokenizer(config)
+    engine = eng.build_engine(config, loras)
+    scanner = None
+    try:
+        adapters = AdapterManager(config.adapters_dir, engine, base_module_shapes(config.model_path),
+                                  loras.max_lora_rank, allowed_roots=config.allowed_adapter_roots)
+        metrics = Metrics()
+        serving = Serving(config, engine, tokenizer, adapters, aliases, metrics)
+        await adapters.scan()
+        metrics.bind(lambda: eng.unfinished_requests(engine), lambda: len(adapters.current),
+                     lambda: len(adapters.unavailable))
+        scanner = asyncio.create_task(_rescan_forever(serving, config.scan_interval))
+        log.info("serving %s and %d adapter(s) on http://%s:%d", config.served_name, len(adapters.current),
+                 config.host, config.port)
+        server = uvicorn.Server(uvicorn.Config(create_app(serving), host=config.host, port=config.port,
+                                               log_level="info", timeout_graceful_shutdown=5))
+        await server.serve()
+    finally:
+        if scanner is not None:
+            scanner.cancel()
+        engine.shutdown()

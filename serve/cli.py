@@ -1,0 +1,96 @@
+"""`loraplex serve`: one OpenAI-compatible server for a base model and every adapter in the registry."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from loraplex.home import default_adapters_dir
+from loraplex.models import DEFAULT_MODEL
+
+_DEFAULTS_NOTE = "Default: sized from the adapters in the registry."
+
+
+def _log_to_stderr() -> None:
+    # Only loraplex's own logger: vLLM and uvicorn configure theirs.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("loraplex")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def serve(
+    base_model: Annotated[str, typer.Option(help="Known model name or local Hugging Face model directory.")]
+    = DEFAULT_MODEL,
+    adapters_dir: Annotated[Optional[Path], typer.Option(
+        help="Adapter registry: one sub-directory per adapter. Default: $LORAPLEX_HOME/adapters.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[list[str]], typer.Option(
+        help="Accepted bearer key for /v1 routes (repeatable). Without any, /v1 is open.")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(
+        help="Bearer key for POST/DELETE /v1/adapters. With --api-key but no --admin-key those routes are off.",
+        envvar="LORAPLEX_ADMIN_KEY")] = None,
+    allowed_adapter_root: Annotated[Optional[list[Path]], typer.Option(
+        help="Directory outside the registry from which POST /v1/adapters may register adapters (repeatable).")]
+    = None,
+    aliases: Annotated[Optional[Path], typer.Option(
+        help="YAML file of A/B aliases: alias -> {adapter: weight}. Re-read when it changes.")] = None,
+    max_loras: Annotated[Optional[int], typer.Option(help="Adapters in one batch. " + _DEFAULTS_NOTE)] = None,
+    max_cpu_loras: Annotated[Optional[int], typer.Option(
+        help="Adapters kept loaded in host memory. " + _DEFAULTS_NOTE)] = None,
+    max_lora_rank: Annotated[Optional[int], typer.Option(
+        help="Highest adapter rank served, rounded up to a rank vLLM supports. " + _DEFAULTS_NOTE)] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length. Default: the model's.")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(
+        help="Sequences the engine runs at once. Default: vLLM's.")] = None,
+    max_queue: Annotated[int, typer.Option(
+        help="Requests admitted at once (running plus waiting); more get 429 with Retry-After.")] = 256,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body; larger gets 413.")] = 1 << 20,
+    default_max_tokens: Annotated[int, typer.Option(
+        help="Tokens generated when a request sets no max_tokens.")] = 512,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    scan_interval: Annotated[float, typer.Option(
+        help="Seconds between registry scans for new, replaced and removed adapters.")] = 2.0,
+    dtype: Annotated[str, typer.Option(help="Model dtype for vLLM (auto, bfloat16, float16, float32).")] = "auto",
+    seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to split each layer over.")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(help="GPUs to split the layers over.")] = 1,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
+        help="Fraction of GPU memory for the engine. Default: vLLM's.")] = None,
+    kv_cache_gb: Annotated[Optional[float], typer.Option(
+        help="KV cache size in GiB. Default: 1 on CPU; on GPU vLLM sizes it from --gpu-memory-utilization.")]
+    = None,
+    enforce_eager: Annotated[bool, typer.Option(help="Disable CUDA graphs (slower, starts faster).")] = False,
+    log_requests: Annotated[bool, typer.Option(help="Log every request in the engine.")] = False,
+) -> None:
+    """Serve the base model and every registry adapter behind one OpenAI-compatible API."""
+    import asyncio
+
+    from loraplex.models import resolve_base_model, served_name
+    from loraplex.serve.config import ServeConfig
+
+    config = ServeConfig(
+        base_model=base_model, model_path=resolve_base_model(base_model), served_name=served_name(base_model),
+        adapters_dir=(adapters_dir or default_adapters_dir()).expanduser(), host=host, port=port,
+        api_keys=list(api_key or []), admin_key=admin_key,
+        allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
+        max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
+        default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,
+        dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        kv_cache_gb=kv_cache_gb, enforce_eager=enforce_eager, log_requests=log_requests,
+    ).check()
+    from loraplex.serve.aliases import load_aliases
+
+    load_aliases(config.aliases_file)  # a broken aliases file fails here, before the engine starts
+    _log_to_stderr()
+
+    from loraplex.serve.app import run
+
+    asyncio.run(run(config))

@@ -1,0 +1,103 @@
+"""`ServeConfig`: every setting of `loraplex serve`, checked together so one error lists every problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraplex.errors import LoraplexError
+
+
+@dataclass
+class ServeConfig:
+    base_model: str
+    """Known model name or local Hugging Face directory (`--base-model`)."""
+    model_path: Path
+    """The resolved local directory of the base model."""
+    served_name: str
+    """Name clients use for the base model in `model`."""
+    adapters_dir: Path
+    """The adapter registry (`--adapters-dir`): one sub-directory per adapter, dot-directories ignored."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    """Bearer keys accepted on every /v1 route (`--api-key`, repeatable). None: no authentication."""
+    admin_key: str | None = None
+    """Bearer key for POST/DELETE /v1/adapters (`--admin-key`); also valid on every other route."""
+    allowed_adapter_roots: list[Path] = field(default_factory=list)
+    """Directories besides the registry from which POST /v1/adapters may register (`--allowed-adapter-root`)."""
+    aliases_file: Path | None = None
+    """YAML file of A/B aliases (`--aliases`): alias -> {adapter: weight}."""
+    max_loras: int | None = None
+    """Adapters in one engine batch (`--max-loras`). None: sized from the registry."""
+    max_cpu_loras: int | None = None
+    """Adapters kept loaded in host memory (`--max-cpu-loras`). None: sized from the registry."""
+    max_lora_rank: int | None = None
+    """Highest adapter rank served (`--max-lora-rank`), rounded up to a rank vLLM supports. None: from the registry."""
+    max_model_len: int | None = None
+    """Context length (`--max-model-len`). None: the model's own."""
+    max_num_seqs: int | None = None
+    """Sequences the engine runs at once (`--max-num-seqs`). None: vLLM's default."""
+    max_queue: int = 256
+    """Requests admitted at once, running plus waiting (`--max-queue`); more get 429 with Retry-After."""
+    max_request_bytes: int = 1 << 20
+    """Largest request body accepted (`--max-request-bytes`); larger gets 413."""
+    default_max_tokens: int = 512
+    """Tokens generated when a request sets no max_tokens (`--default-max-tokens`)."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for (`--max-tokens-limit`); more is a 400."""
+    scan_interval: float = 2.0
+    """Seconds between registry scans for new, replaced or removed adapters (`--scan-interval`)."""
+    dtype: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    """Fraction of GPU memory for the engine (`--gpu-memory-utilization`). None: vLLM's default."""
+    kv_cache_gb: float | None = None
+    """KV cache size in GiB (`--kv-cache-gb`). None: 1 GiB on CPU, vLLM's memory-fraction sizing on GPU."""
+    enforce_eager: bool = False
+    log_requests: bool = False
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each with the flag that fixes it."""
+        out = []
+        if not 0 < self.port < 65536:
+            out.append(f"--port {self.port} must be between 1 and 65535")
+        for key in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]:
+            if len(key) < 8 or any(c.isspace() for c in key):
+                out.append("--api-key/--admin-key values need at least 8 characters and no whitespace")
+                break
+        positive = {"--max-loras": self.max_loras, "--max-cpu-loras": self.max_cpu_loras,
+                    "--max-lora-rank": self.max_lora_rank, "--max-model-len": self.max_model_len,
+                    "--max-num-seqs": self.max_num_seqs, "--max-queue": self.max_queue,
+                    "--max-request-bytes": self.max_request_bytes, "--default-max-tokens": self.default_max_tokens,
+                    "--max-tokens-limit": self.max_tokens_limit, "--tensor-parallel-size": self.tensor_parallel_size,
+                    "--pipeline-parallel-size": self.pipeline_parallel_size}
+        out += [f"{flag} {value} must be a positive integer" for flag, value in positive.items()
+                if value is not None and value < 1]
+        if self.default_max_tokens > self.max_tokens_limit:
+            out.append(f"--default-max-tokens {self.default_max_tokens} is above --max-tokens-limit "
+                       f"{self.max_tokens_limit}")
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            out.append(f"--max-cpu-loras {self.max_cpu_loras} must be at least --max-loras {self.max_loras}")
+        if self.max_lora_rank is not None and self.max_lora_rank > 512:
+            out.append(f"--max-lora-rank {self.max_lora_rank} is above 512, the highest rank vLLM serves")
+        if self.scan_interval <= 0:
+            out.append(f"--scan-interval {self.scan_interval} must be positive")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            out.append(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            out.append(f"--kv-cache-gb {self.kv_cache_gb} must be positive")
+        if self.aliases_file is not None and not self.aliases_file.is_file():
+            out.append(f"--aliases {self.aliases_file}: no such file")
+        out += [f"--allowed-adapter-root {root}: not a directory" for root in self.allowed_adapter_roots
+                if not root.is_dir()]
+        return out
+
+    def check(self) -> "ServeConfig":
+        problems = self.problems()
+        if problems:
+            raise LoraplexError("invalid serve settings:\n  - " + "\n  - ".join(problems),
+                                hint="change the flags named above (loraplex serve --help)")
+        return self

