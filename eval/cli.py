@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,9 +30,14 @@ def eval_command(
     from .report import format_summary
     from .runner import run_eval
 
-    results = run_eval(base_url, data, models, out, concurrency=concurrency, max_tokens=max_tokens, api_key=api_key,
-                       limit=limit, seed=seed, timeout=timeout, compare=compare, restart=restart,
-                       resamples=resamples, progress=progress)
+    try:
+        results = run_eval(base_url, data, models, out, concurrency=concurrency, max_tokens=max_tokens,
+                           api_key=api_key, limit=limit, seed=seed, timeout=timeout, compare=compare,
+                           restart=restart, resamples=resamples, progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished requests are kept in {out / 'samples.jsonl'}; "
+              "run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(130) from None
     print(format_summary(results, out))
     if any(m["ok"] == 0 for m in results["models"].values()):
         # Everything is written and reported; the status tells scripts that a model could not be evaluated at all.

@@ -330,7 +330,9 @@ def format_summary(results: dict, out_dir: Path | str) -> str:
     failed = {name: m["failed"] for name, m in results["models"].items() if m["failed"]}
     if failed:
         lines.append("failed requests: " + ", ".join(f"{k} {v}" for k, v in failed.items()) + " (see report)")
-    if results["data"]["bad_lines"]:
-        lines.append(f"skipped {len(results['data']['bad_lines'])} bad data line(s) (see report)")
+    bad = results["data"]["bad_lines"]
+    if bad:
+        listed = ", ".join(f"line {b['line']} {b['reason']}" for b in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        lines.append(f"skipped {len(bad)} bad data line(s): {listed} (see report)")
     lines.append(f"report: {Path(out_dir) / REPORT_MD}  ({REPORT_HTML} alongside)")
     return "\n".join(lines)

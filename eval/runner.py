@@ -54,7 +54,13 @@ def load_samples(path: Path) -> tuple[list[Sample], list[dict], str]:
         raise LoraplexError(f"data file {path} does not exist", hint="pass a JSONL file to --data")
     raw = path.read_bytes()
     samples, bad = [], []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    # Split bytes, not text: str.splitlines() also breaks on U+2028, U+0085, ... which JSON may hold unescaped.
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append({"line": number, "reason": "invalid_utf8", "message": f"not UTF-8 ({e.reason} at byte {e.start})"})
+            continue
         if not line.strip():
             continue
         try:
@@ -159,14 +165,21 @@ def _prepare_out_dir(out: Path, settings: dict, restart: bool) -> None:
         )
 
 
-async def _query_all(client, jobs: list[tuple[str, Sample]], settings: dict, samples_path: Path, run_id: str,
-                     progress: bool) -> None:
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+async def _query_all(client, jobs: list[tuple[str, Sample]], settings: dict, samples_path: Path, progress: bool) -> None:
     """Models one after the other (so each model's latency and throughput are its own), samples of one model
     ``concurrency`` at a time; each record is appended to samples.jsonl as soon as it is done."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), desc="eval", unit="req", disable=not progress, dynamic_ncols=True)
-    needs_newline = samples_path.is_file() and samples_path.stat().st_size > 0 and not samples_path.read_bytes().endswith(b"\n")
+    needs_newline = _ends_mid_line(samples_path)
     with open(samples_path, "a", encoding="utf-8") as out:
         if needs_newline:  # a killed run may have left half a line; start ours on a fresh one
             out.write("\n")
@@ -190,7 +203,7 @@ async def _query_all(client, jobs: list[tuple[str, Sample]], settings: dict, sam
                     "reference": sample.reference,
                     "metrics": score_sample(result.output, sample.reference) if result.ok else None,
                     "prompt": sample.messages,
-                    "run_id": run_id,
+                    "run_id": settings["run_id"],
                 }
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
@@ -208,13 +221,22 @@ async def _query_all(client, jobs: list[tuple[str, Sample]], settings: dict, sam
             bar.close()
 
 
-async def _run_requests(settings: dict, models: list[str], jobs, samples_path, run_id, progress) -> list[dict]:
-    client = http.make_client(settings["base_url"], settings.get("api_key"), settings["timeout_s"])
+async def _evaluate(settings: dict, api_key: str | None, samples: list[Sample], out: Path, restart: bool,
+                    progress: bool) -> tuple[list[dict], Counter]:
+    """Check the server first (nothing is written for a run that cannot start), then query the missing pairs.
+    Returns the server's models and how many requests this run sent per model."""
+    models = settings["models"]
+    client = http.make_client(settings["base_url"], api_key, settings["timeout_s"])
     try:
         server_models = await http.list_server_models(client, settings["base_url"])
         http.check_models(models, server_models, settings["base_url"])
-        await _query_all(client, jobs, settings, samples_path, run_id, progress)
-        return server_models
+        _prepare_out_dir(out, settings, restart)
+        done, _ = read_records(out / SAMPLES)
+        jobs = [(m, s) for m in models for s in samples if not done.get((m, s.sample_id), {}).get("ok")]
+        write_json(out / RESULTS, {"schema_version": SCHEMA_VERSION, "status": "running", "started_at": _now(),
+                                   "settings": settings, "server": {"base_url": settings["base_url"], "models": server_models}})
+        await _query_all(client, jobs, settings, out / SAMPLES, progress)
+        return server_models, Counter(m for m, _ in jobs)
     finally:
         await client.close()
 
@@ -340,43 +362,39 @@ def run_eval(
         "compare": [list(p) for p in pairs], "concurrency": concurrency, "max_tokens": max_tokens,
         "temperature": 0.0, "top_p": 1.0, "seed": seed, "timeout_s": timeout, "limit": limit,
         "bootstrap_resamples": resamples, "confidence": stats.CONFIDENCE, "max_attempts": http.MAX_ATTEMPTS,
+        "run_id": uuid.uuid4().hex[:12],
     }
-    _prepare_out_dir(out, settings, restart)
-    samples_path = out / SAMPLES
-    previous, broken_lines = read_records(samples_path)
-    wanted = {s.sample_id for s in samples}
-    jobs = [(m, s) for m in models for s in samples if not previous.get((m, s.sample_id), {}).get("ok")]
     started = _now()
-    results = {"schema_version": SCHEMA_VERSION, "status": "running", "started_at": started, "settings": settings}
-    write_json(out / RESULTS, results)
-
-    run_id = uuid.uuid4().hex[:12]
     begin = time.perf_counter()
-    server_models = asyncio.run(_run_requests({**settings, "api_key": api_key}, models, jobs, samples_path, run_id, progress))
+    server_models, requested = asyncio.run(_evaluate(settings, api_key, samples, out, restart, progress))
     elapsed = time.perf_counter() - begin
 
+    samples_path = out / SAMPLES
     records, broken_lines = read_records(samples_path)
+    used_ids = {s.sample_id for s in samples}
     summary = summarize(samples, records, models, pairs, resamples, seed)
-    requested = Counter(m for m, _ in jobs)
-    results.update({
+    results = {
+        "schema_version": SCHEMA_VERSION,
         "status": "complete",
+        "started_at": started,
         "finished_at": _now(),
+        "settings": settings,
         "server": {"base_url": base_url, "models": server_models},
         "data": {
             "path": str(data), "lines": lines_total, "valid": lines_total - len(bad_lines), "used": len(samples),
             "bad_lines": bad_lines, "bad_by_reason": dict(Counter(b["reason"] for b in bad_lines)),
         },
         "this_run": {
-            "run_id": run_id, "elapsed_s": elapsed,
+            "run_id": settings["run_id"], "elapsed_s": elapsed,
             "requested": {m: requested.get(m, 0) for m in models},
             "reused": {m: len(samples) - requested.get(m, 0) for m in models},
         },
         # Records in samples.jsonl whose sample_id is not in the (limited) data: earlier outputs for lines that
         # have since changed, or beyond --limit. They are kept in the file but not counted.
-        "ignored_records": sum(1 for (m, i) in records if i not in wanted or m not in models),
+        "ignored_records": sum(1 for (m, i) in records if i not in used_ids or m not in models),
         "unreadable_sample_lines": broken_lines,
         **summary,
-    })
+    }
     from .report import write_reports
 
     results["report"] = write_reports(results, records, samples, out)

@@ -7,6 +7,7 @@ test_eval_integration.py."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -170,6 +171,7 @@ def test_cli_unreachable_server(data_file, tmp_path):
     assert proc.returncode == 2
     assert "cannot reach the server" in proc.stderr and url in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing is written for a run that cannot start
 
 
 def test_cli_unknown_model_and_bad_data(stub_url, tmp_path):
@@ -197,3 +199,21 @@ def test_cli_prints_summary_and_flags_models_without_any_success(stub_url, data_
     assert "broken vs echo" in proc.stdout and "too few paired samples (n=0)" in proc.stdout
     assert "failed requests: broken 3" in proc.stdout and "skipped 1 bad data line" in proc.stdout
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_cli_ctrl_c_keeps_finished_requests(stub_url, data_file, tmp_path):
+    url, server = stub_url
+    before = server.requests["slow"]
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex", "eval", "--base-url", url, "--data", str(data_file),
+                             "--models", "echo,slow", "--out", str(tmp_path / "out"), "--timeout", "30",
+                             "--concurrency", "1", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while server.requests["slow"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # while the first slow request is in flight
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "run the same command again to resume" in stderr
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["ok"]) for r in records] == [("echo", True)] * 3

@@ -256,3 +256,14 @@ def test_summarize_and_report(tmp_path):
     assert all((tmp_path / p).stat().st_size > 0 for p in written["plots"])
     text = format_summary(results, tmp_path)
     assert "tuned vs base" in text and "failed requests: tuned 1" in text
+
+
+def test_load_samples_line_breaks_and_encoding(tmp_path):
+    # U+2028 inside a JSON string is one line for JSONL (str.splitlines would cut it); a non-UTF-8 line is bad.
+    path = tmp_path / "d.jsonl"
+    row = json.dumps({"prompt": "a\u2028b", "completion": "c\u0085d"}, ensure_ascii=False)
+    path.write_bytes(row.encode() + b"\r\n" + b'{"prompt": "\xff", "completion": "x"}\n' + row.encode() + b"\n")
+    samples, bad, _ = runner.load_samples(path)
+    assert [s.line for s in samples] == [1, 3]
+    assert samples[0].messages[0]["content"] == "a\u2028b"
+    assert [(b["line"], b["reason"]) for b in bad] == [(2, "invalid_utf8")]
