@@ -65,6 +65,11 @@ def _wtl(entry: dict) -> str:
     return f"{entry['wins']}/{entry['ties']}/{entry['losses']}"
 
 
+def _server_model(card: dict) -> str:
+    details = [d for d in (card.get("kind"), card.get("parent") and f"parent {card['parent']}") if d]
+    return card.get("id", "?") + (f" ({', '.join(details)})" if details else "")
+
+
 # ---- content, as blocks -----------------------------------------------------------------------------------
 
 def _blocks(results: dict, plots: list[str]) -> list[tuple]:
@@ -143,8 +148,7 @@ def _blocks(results: dict, plots: list[str]) -> list[tuple]:
                             "their lines changed since, or they are beyond --limit."))
 
     blocks.append(("h2", "Server models (/v1/models)"))
-    blocks.append(("list", [f"{m.get('id')}" + (f" (parent {m['parent']})" if m.get("parent") else "")
-                            for m in results["server"]["models"]]))
+    blocks.append(("list", [_server_model(m) for m in results["server"]["models"]]))
     blocks.append(("h2", "Definitions"))
     blocks.append(("list", DEFINITIONS))
     return blocks
