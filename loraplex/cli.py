@@ -38,6 +38,10 @@ def _register() -> None:
     from loraplex.train import trainer
 
     app.command("train")(trainer.train)
+    from loraplex.train import adapters
+
+    adapters_app.command("list")(adapters.list_command)
+    adapters_app.command("merge")(adapters.merge)
 
 
 _register()

@@ -94,3 +94,35 @@ def test_training_refuses_bad_data_with_file_and_line(tmp_path):
     with pytest.raises(LoraplexError, match=r"bad\.jsonl:2: unknown row format"):
         run_training(config)
     assert not (tmp_path / "adapters" / "bad").exists()
+
+
+def test_merge_gives_a_plain_model_that_answers_like_the_adapter(trained_adapters, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraplex.train.adapters import merge_adapter
+
+    out = merge_adapter(trained_adapters["cat"], tmp_path / "merged")
+    assert not (out / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True).startswith("Meow")
+
+
+def test_adapters_list_shows_adapters_and_broken_ones(trained_adapters, tmp_path):
+    import shutil
+
+    registry = tmp_path / "registry"
+    shutil.copytree(trained_adapters["dog"], registry / "dog")
+    (registry / "half").mkdir()
+    (registry / "half" / "adapter_config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "loraplex", "adapters", "list", "--adapters-dir", str(registry)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("dog") and "r=8" in line for line in lines)
+    assert any(line.startswith("half") and "BROKEN" in line and "adapter_model.safetensors is missing" in line
+               for line in lines)
