@@ -42,6 +42,9 @@ def _register() -> None:
 
     adapters_app.command("list")(adapters.list_command)
     adapters_app.command("merge")(adapters.merge)
+    from loraplex import demo
+
+    app.command("demo")(demo.demo)
 
 
 _register()
