@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Sequence
 
 import typer
 
@@ -98,8 +98,10 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> Path:
-    """Train one adapter and publish it to the registry; returns the adapter directory."""
+def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence = ()) -> Path:
+    """Train one adapter and publish it to the registry; returns the adapter directory.
+
+    `callbacks`: extra transformers TrainerCallbacks (benchmarks hook their step timers in here)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -198,7 +200,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else None,
+        callbacks=list(callbacks)
+        + ([EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []),
     )
 
     # ---------------- train
