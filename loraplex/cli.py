@@ -35,6 +35,7 @@ def _register() -> None:
     from loraplex.serve.cli import serve; app.command("serve")(serve)
     from loraplex.train import data, examples; data_app.command("prepare")(data.prepare); data_app.command("example")(examples.example)
     from loraplex.eval.cli import eval_command; app.command("eval")(eval_command)
+    from loraplex.loadtests.cli import loadtest; app.command("loadtest")(loadtest)
     from loraplex.train import trainer
 
     app.command("train")(trainer.train)
