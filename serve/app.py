@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -312,8 +313,15 @@ async def run(config: ServeConfig) -> None:
                  config.host, config.port)
         server = uvicorn.Server(uvicorn.Config(create_app(serving), host=config.host, port=config.port,
                                                log_level="info", timeout_graceful_shutdown=5))
+        # uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process before the engine
+        # core (a child process) is shut down below; route the signals to uvicorn's graceful exit instead.
+        server.capture_signals = contextlib.nullcontext
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.handle_exit, sig, None)
         await server.serve()
     finally:
         if scanner is not None:
             scanner.cancel()
+        log.info("stopping the engine")
         engine.shutdown()

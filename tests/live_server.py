@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 300.0
 _LOGS: dict[str, Path] = {}
 _PROCS: dict[str, subprocess.Popen] = {}
 

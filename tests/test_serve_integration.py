@@ -76,7 +76,9 @@ def server(base_model_dir, registry, extra_root, tmp_path_factory) -> str:
     aliases = tmp_path_factory.mktemp("aliases") / "aliases.yaml"
     aliases.write_text("support-bot: {a1: 0.5, a2: 0.5}\n")
     # The rank limit is explicit, so the rank-64 adapter is refused rather than sizing the engine for it.
-    with running_server(base_model_dir, registry, "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+    # float32: in bf16 the rounding differs with the batch's make-up, and a greedy choice between two
+    # near-equal tokens of a random adapter could flip; the tests compare answers across batches.
+    with running_server(base_model_dir, registry, "--dtype", "float32", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
                         "--allowed-adapter-root", extra_root, "--aliases", aliases, "--max-lora-rank", "16",
                         "--max-queue", MAX_QUEUE, "--max-model-len", "2048", "--scan-interval", "0.5") as url:
         yield url
@@ -200,10 +202,9 @@ def test_sampling_fields(client):
     assert "France" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
 
 
-def test_mixed_adapters_concurrent_equal_alone(client, server, trained):
-    # Trained adapters answer with a wide margin, so greedy answers cannot flip with the batch's make-up.
+def test_mixed_adapters_concurrent_equal_alone(client, server):
     prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What is 2 plus 2?"]
-    jobs = [(model, p) for model in (BASE, *trained) for p in prompts]
+    jobs = [(model, p) for model in (BASE, "a1", "a2") for p in prompts]
     alone = {job: chat(client, *job).choices[0].message.content for job in jobs}
     adapters_seen_together = []
 
@@ -393,12 +394,15 @@ def test_keys(server, http):
 
 def start_stream(server, client_http: httpx.Client, model="a1"):
     request = client_http.build_request("POST", server + "/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 4000,
+        "model": model, "messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 2000,
         "temperature": 0, "ignore_eos": True, "stream": True})
     response = client_http.send(request, stream=True)
     assert response.status_code == 200, response.read()
     lines = response.iter_lines()
     next(line for line in lines if '"content":"' in line and '"content":""' not in line)  # a real token arrived
+    # Keep the line iterator alive with the response: when httpx's iterator is garbage-collected it closes
+    # the connection, which is a disconnect.
+    response.lines = lines
     return response
 
 
@@ -412,12 +416,12 @@ def test_stream_disconnect_aborts_in_engine(server, http, client):
         assert metric(http, "loraplex_engine_unfinished_requests") >= 1
         response.close()
     assert wait_until(lambda: engine_idle(http)), "the engine kept generating for a client that left"
-    assert metric(http, "loraplex_requests_aborted") >= 1
+    assert metric(http, "loraplex_requests_aborted_total") >= 1
     assert "Paris" in chat(client, BASE).choices[0].message.content
 
 
 def test_non_streaming_disconnect_aborts_in_engine(server, http):
-    body = {"model": "a2", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000,
+    body = {"model": "a2", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 2000,
             "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/chat/completions", json=body, timeout=3,
