@@ -36,6 +36,7 @@ PROMPTS = ["Tell me about the history of Paris.", "Explain how a bicycle works."
            "What should I pack for a hiking trip?", "Describe the water cycle.", "How do vaccines work?",
            "Give me three tips for learning a language.", "Why is the sky blue?"]
 SECTION_START, SECTION_END = "<!-- serve_vs_vllm:start -->", "<!-- serve_vs_vllm:end -->"
+HEADING = "## CPU: `loraplex serve` vs vLLM's own OpenAI server"
 
 
 def engine_flags(args, adapters: dict[str, Path]) -> dict[str, str]:
@@ -172,9 +173,7 @@ def write_markdown(report: dict, path: Path) -> None:
     s, settings = report["summary"], report["settings"]
     lines = [
         SECTION_START,
-        "## serve vs vLLM's OpenAI server (`benchmarks/serve_vs_vllm.py`)",
-        "",
-        f"{report['date']}, {report['machine']}, vLLM {report['vllm_version']}. "
+        f"`benchmarks/serve_vs_vllm.py`, {report['date']}, {report['machine']}, vLLM {report['vllm_version']}. "
         f"{settings['requests']} streaming chat requests round-robin over the base model and "
         f"{settings['adapters']} adapters, concurrency {settings['concurrency']}, {settings['max_tokens']} tokens "
         f"each (temperature 0, ignore_eos), same engine settings for both (max_loras {settings['max_loras']}, "
@@ -195,12 +194,15 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Raw runs: `{report['json']}`.",
         SECTION_END,
     ]
+    block = "\n".join(lines)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if SECTION_START in text:
         before, rest = text.split(SECTION_START, 1)
-        text = before + "\n".join(lines) + rest.split(SECTION_END, 1)[1]
+        text = before + block + rest.split(SECTION_END, 1)[1]
+    elif HEADING in text:
+        text = text.replace(HEADING, f"{HEADING}\n\n{block}", 1)
     else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
     path.write_text(text)
 
 

@@ -130,16 +130,23 @@ def _param(loc: tuple) -> str | None:
     return param or None
 
 
+def _counted(request: Request, error: APIError) -> JSONResponse:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is not None:
+        serving.metrics.errors.labels(str(error.status), error.code or "-").inc()
+    return error_response(error)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return error_response(APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error')}",
-                                       code="invalid_json"))
+        reason = first.get("ctx", {}).get("error")
+        return _counted(request, APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json"))
     loc = tuple(first.get("loc", ()))
     param = _param(loc)
     if first.get("type") == "missing" and param is None:
-        return error_response(APIError(400, "request body is required (a JSON object)", code="missing_body"))
+        return _counted(request, APIError(400, "request body is required (a JSON object)", code="missing_body"))
     where = param or "request body"
     message = f"{where}: {first.get('msg', 'invalid value')}"
     if first.get("type") == "missing":
@@ -147,25 +154,26 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
-    return error_response(APIError(400, message, param=param, code=code))
+    return _counted(request, APIError(400, message, param=param, code=code))
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc)
+    return _counted(request, exc)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-    return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+    code = "not_found" if exc.status_code == 404 else None
+    return _counted(request, APIError(exc.status_code, message, code=code))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     from loraplex.serve.engine import is_engine_dead
 
     if is_engine_dead(exc):
-        return error_response(engine_unavailable())
+        return _counted(request, engine_unavailable())
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error"))
+    return _counted(request, APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error"))
 
 
 # ---------------------------------------------------------------- disconnects

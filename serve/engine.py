@@ -55,12 +55,16 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
 
 def build_engine(config: ServeConfig, loras: LoraSizing):
     """Start the engine (its core runs in a child process). Must be called inside the server's event loop."""
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = engine_args_from(config, loras, cpu=on_cpu())
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d)",
              config.model_path, loras.max_loras, loras.max_cpu_loras, loras.max_lora_rank)
-    return AsyncLLM.from_engine_args(args)
+    # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
+    # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
+    # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.
+    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 
 def load_tokenizer(config: ServeConfig):

@@ -26,6 +26,8 @@ class Metrics:
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("loraplex_requests_in_flight",
                                "Generation requests admitted and not finished (running plus waiting).", registry=r)
+        self.errors = Counter("loraplex_errors", "Error responses, by HTTP status and error code.",
+                              ["status", "code"], registry=r)
         self.rejected = Counter("loraplex_requests_rejected", "Requests refused because the queue was full.",
                                 registry=r)
         self.aborted = Counter("loraplex_requests_aborted", "Requests aborted because the client went away.",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16
+MAX_PROMPTS = 64  # prompts in one text-completion request; each takes a queue slot
 # Accepted by OpenAI but not served here; a request that sets one gets a 400 rather than a silently different answer.
 UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "tools", "functions", "suffix", "logit_bias")
 
@@ -70,8 +71,10 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    # vLLM extension, useful for fixed-length benchmarks.
+    # vLLM extensions, useful for fixed-length benchmarks: generate past the end-of-sequence token, or at least
+    # min_tokens tokens before it (and before any stop sequence) may end the answer.
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -127,6 +130,8 @@ class CompletionRequest(_SamplingFields):
     def _non_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return value
 
     def prompts(self) -> list[str | list[int]]:

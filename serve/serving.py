@@ -60,16 +60,17 @@ class RequestScope:
     """One admitted generation request: holds its queue slot and adapter lease, records its metrics, and
     gives both back exactly once however the request ends."""
 
-    def __init__(self, serving: "Serving", endpoint: str):
+    def __init__(self, serving: "Serving", endpoint: str, slots: int = 1):
         self.serving = serving
         self.endpoint = endpoint
+        self.slots = slots
         self.start = time.perf_counter()
         self.target: Target | None = None
         self.first_token_at: float | None = None
         self.status = 200
         self._closed = False
-        serving.in_flight += 1
-        serving.metrics.in_flight.inc()
+        serving.in_flight += slots
+        serving.metrics.in_flight.inc(slots)
 
     def first_token(self) -> None:
         if self.first_token_at is None:
@@ -80,8 +81,8 @@ class RequestScope:
             return
         self._closed = True
         s = self.serving
-        s.in_flight -= 1
-        s.metrics.in_flight.dec()
+        s.in_flight -= self.slots
+        s.metrics.in_flight.dec(self.slots)
         model = self.target.model if self.target else "-"
         if self.target is not None and self.target.version is not None:
             s.adapters.release(self.target.version)
@@ -173,14 +174,15 @@ class Serving:
 
     # ---------------------------------------------------------------- admission and limits
 
-    def admit(self, endpoint: str) -> RequestScope:
-        if self.in_flight >= self.config.max_queue:
+    def admit(self, endpoint: str, slots: int = 1) -> RequestScope:
+        """A queue slot per prompt; refused with 429 beyond --max-queue (a lone request always gets in)."""
+        if self.in_flight and self.in_flight + slots > self.config.max_queue:
             self.metrics.rejected.inc()
             raise APIError(429, f"the server is at its limit of {self.config.max_queue} requests in flight; "
                                 "retry shortly", code="server_overloaded", headers={"Retry-After": RETRY_AFTER_S})
         if eng.engine_errored(self.engine):
             raise engine_unavailable()
-        return RequestScope(self, endpoint)
+        return RequestScope(self, endpoint, slots)
 
     def max_tokens_for(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
         limit = self.config.max_tokens_limit
@@ -210,7 +212,7 @@ class Serving:
         try:
             return SamplingParams(
                 n=request.n, max_tokens=max_tokens, stop=request.stop_list() or None, seed=request.seed,
-                ignore_eos=request.ignore_eos,
+                ignore_eos=request.ignore_eos, min_tokens=request.min_tokens,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
                 **values, **extra,
             )
@@ -275,7 +277,7 @@ class Serving:
             requested = request.requested_max_tokens()
             max_tokens = min(self.max_tokens_for(requested, len(p), "max_tokens", "prompt") for p in prompts)
             params = self.sampling_params(request, max_tokens, request.stream)
-            scope = self.admit("completions")
+            scope = self.admit("completions", slots=len(prompts))
         except BaseException:
             self._release(target)
             raise
@@ -464,9 +466,7 @@ def generation_error(error: BaseException) -> APIError:
         return error
     if eng.is_engine_dead(error):
         return engine_unavailable()
-    from vllm.exceptions import VLLMValidationError
-
-    if isinstance(error, VLLMValidationError):
+    if type(error).__name__ == "VLLMValidationError":  # vllm.exceptions, in newer vLLM releases only
         return bad_request(str(error), getattr(error, "parameter", None))
     log.exception("generation failed", exc_info=error)
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed")

@@ -5,7 +5,6 @@ the engine runs last."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import re
 import shutil
@@ -40,7 +39,7 @@ MAX_QUEUE = 16
 def adapter_sources(tmp_path_factory, base_model_dir) -> dict[str, Path]:
     """Servable adapters (outside any registry) and broken ones, made once with PEFT."""
     root = tmp_path_factory.mktemp("adapter-sources")
-    good = {"a1": make_adapter(base_model_dir, root / "a1", seed=1), "a2": make_adapter(base_model_dir, root / "a2", seed=2)}
+    good = {name: make_adapter(base_model_dir, root / name, seed=seed) for name, seed in (("a1", 1), ("a2", 2))}
     return {
         **good,
         "dora": make_dora_copy(good["a1"], root / "dora"),
@@ -251,8 +250,7 @@ def publish(src: Path, registry: Path, name: str) -> None:
 
 
 def test_hot_load_replace_and_unload(client, http, registry, adapter_sources):
-    assert_error(http.post("/v1/chat/completions", json={"model": "hot", "messages": [{"role": "user", "content": "x"}]}),
-                 404, "model_not_found", "model")
+    assert_error(post_chat(http, model="hot"), 404, "model_not_found", "model")
     a1_answer = chat(client, "a1").choices[0].message.content
     a2_answer = chat(client, "a2").choices[0].message.content
 
@@ -266,8 +264,7 @@ def test_hot_load_replace_and_unload(client, http, registry, adapter_sources):
     loaded = metric(http, "loraplex_adapters_loaded")
     r = http.delete("/v1/adapters/hot", headers=admin(http))
     assert r.status_code == 200 and r.json() == {"name": "hot", "deleted": True}
-    assert_error(http.post("/v1/chat/completions", json={"model": "hot", "messages": [{"role": "user", "content": "x"}]}),
-                 404, "model_not_found")
+    assert_error(post_chat(http, model="hot"), 404, "model_not_found")
     assert "hot" not in {m.id for m in client.models.list().data}
     assert metric(http, "loraplex_adapters_loaded") == loaded - 1
     assert (registry / "hot").is_dir()  # unloading never deletes files
@@ -309,8 +306,7 @@ def test_register_via_post(client, http, extra_root, adapter_sources, tmp_path):
 def test_broken_registry_adapters_are_listed_and_refused(server, http, name, reason):
     listed = {a["name"]: a for a in http.get("/v1/adapters").json()["data"]}
     assert listed[name]["status"] == "unavailable" and reason in listed[name]["reason"]
-    error = assert_error(http.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "x"}]}),
-                         404, "model_not_found", "model")
+    error = assert_error(post_chat(http, model=name), 404, "model_not_found", "model")
     assert reason in error["message"]
     assert f"adapter {name} skipped" in server_log(server)
 

@@ -31,7 +31,8 @@ def test_chat_request_accepts_unknown_fields_and_normalises():
     r = ChatCompletionRequest(model="m", messages=MSG, stop="x", metadata={"a": 1}, parallel_tool_calls=False)
     assert r.stop_list() == ["x"] and r.model_extra["metadata"] == {"a": 1}
     assert r.unsupported_field() is None
-    assert ChatCompletionRequest(model="m", messages=MSG, max_tokens=5, max_completion_tokens=3).requested_max_tokens() == 3
+    both = ChatCompletionRequest(model="m", messages=MSG, max_tokens=5, max_completion_tokens=3)
+    assert both.requested_max_tokens() == 3
     parts = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                      {"type": "text", "text": "b"}]}])
     assert parts.messages[0].text() == "ab"
@@ -349,3 +350,81 @@ def test_version_key_changes_on_republish(tmp_path):
     os.rename(a, tmp_path / "old")
     write_adapter(tmp_path / "a")
     assert version_key(tmp_path / "a") != key
+
+
+# ---------------------------------------------------------------- vLLM extensions for fixed-length generation
+
+def test_min_tokens_and_ignore_eos_reach_the_engine():
+    from types import SimpleNamespace
+
+    from loraplex.serve.serving import Serving
+
+    serving = SimpleNamespace(sampling_defaults={})
+    request = CompletionRequest(model="m", prompt="hi", ignore_eos=True, min_tokens=5)
+    params = Serving.sampling_params(serving, request, max_tokens=8, stream=False)
+    assert (params.min_tokens, params.ignore_eos, params.max_tokens) == (5, True, 8)
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], min_tokens=3)
+    assert Serving.sampling_params(serving, chat, max_tokens=8, stream=True).min_tokens == 3
+    assert Serving.sampling_params(serving, CompletionRequest(model="m", prompt="hi"), 8, False).min_tokens == 0
+    with pytest.raises(APIError) as e:  # more than max_tokens: vLLM's own check, answered as a 400
+        Serving.sampling_params(serving, CompletionRequest(model="m", prompt="hi", min_tokens=9), 8, False)
+    assert e.value.status == 400 and "min_tokens" in e.value.message
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="hi", min_tokens=-1)
+
+
+def test_engine_gets_the_openai_server_batch_defaults(base_model_dir, monkeypatch):
+    # vLLM sizes max_num_seqs / max_num_batched_tokens by usage context: the server must get an OpenAI server's.
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from loraplex.serve import engine as eng
+
+    seen = {}
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args, **kw: seen.update(kw)))
+    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=8))
+    assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
+
+
+# ---------------------------------------------------------------- admission and token limits
+
+def serving_for(tmp_path, **config):
+    from types import SimpleNamespace
+
+    from loraplex.serve.metrics import Metrics
+    from loraplex.serve.serving import Serving
+
+    engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=100, get_diff_sampling_param=dict),
+                             errored=False)
+    adapters = manager(tmp_path, RecordingEngine())
+    return Serving(_config(tmp_path, **config), engine, None, adapters, {}, Metrics())
+
+
+def test_admission_counts_slots_and_refuses_beyond_the_queue(tmp_path):
+    serving = serving_for(tmp_path, max_queue=3)
+    first = serving.admit("chat", slots=2)
+    with pytest.raises(APIError) as e:
+        serving.admit("completions", slots=2)
+    assert (e.value.status, e.value.code, e.value.headers["Retry-After"]) == (429, "server_overloaded", "1")
+    second = serving.admit("chat")
+    first.close()
+    first.close()  # closing twice gives the slots back once
+    assert serving.in_flight == 1
+    second.close()
+    assert serving.in_flight == 0
+    serving.admit("completions", slots=5).close()  # a request larger than the queue still runs when idle
+    serving.engine.errored = True
+    with pytest.raises(APIError) as e:
+        serving.admit("chat")
+    assert (e.value.status, e.value.code) == (503, "engine_unavailable")
+
+
+def test_max_tokens_default_limit_and_context(tmp_path):
+    serving = serving_for(tmp_path, default_max_tokens=50, max_tokens_limit=60)
+    assert serving.max_tokens_for(None, 10, "max_tokens", "messages") == 50
+    assert serving.max_tokens_for(None, 70, "max_tokens", "messages") == 30  # never past the context
+    assert serving.max_tokens_for(20, 10, "max_tokens", "messages") == 20
+    for requested, prompt_len, param in [(61, 10, "max_tokens"), (5, 100, "messages"), (40, 70, "max_tokens")]:
+        with pytest.raises(APIError) as e:
+            serving.max_tokens_for(requested, prompt_len, "max_tokens", "messages")
+        assert (e.value.status, e.value.param) == (400, param)
