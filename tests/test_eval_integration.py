@@ -89,7 +89,8 @@ def server(trained_registry, base_model_dir, tmp_path_factory):
     if (Path(__file__).parent / "live_server.py").is_file() and _serve_command_exists():
         from live_server import running_server
 
-        context = running_server(base_model_dir, trained_registry)
+        # Generous: the engine starts slowly when the machine is busy with other jobs.
+        context = running_server(base_model_dir, trained_registry, ready_timeout=600)
     else:
         context = _vllm_api_server(base_model_dir, trained_registry, tmp_path_factory.mktemp("eval-server") / "server.log")
     with context as url:
