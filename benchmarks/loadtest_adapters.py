@@ -8,7 +8,7 @@ once with requests spread uniformly over adapters 1-4. Over --rounds rounds the 
 ratio is 4 adapters / 1 adapter. Results go to benchmarks/results/loadtest-adapters-<date>.json and a section of
 BENCHMARKS.md.
 
-    python benchmarks/loadtest_adapters.py                       # 8 users, 60 s per run, 2 rounds
+    python benchmarks/loadtest_adapters.py                       # 8 users, 90 s per run, 2 rounds
     python benchmarks/loadtest_adapters.py --users 4 --duration 30s --rounds 1
 """
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--duration", default="60s", help="per run (locust syntax)")
+    parser.add_argument("--duration", default="90s", help="per run (locust syntax)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="sweeps, alternating the order 1,4 / 4,1")
     parser.add_argument("--rank", type=int, default=8)

@@ -184,11 +184,14 @@ def plot_sweep(runs: list[dict], path: Path) -> None:
         left.plot(users, [r["output_tokens_per_s"] for r in mine], "o-", color=colour, label=label)
         right.plot(users, [r["ttft_p50_ms"] for r in mine], "o-", color=colour, label=f"{label}, p50")
         right.plot(users, [r["ttft_p99_ms"] for r in mine], "s--", color=colour, label=f"{label}, p99")
+    all_users = sorted({r["users"] for r in runs})
     for ax, title, ylabel in ((left, "Throughput", "output tokens/s"), (right, "Time to first token", "TTFT (ms)")):
         ax.set_title(title)
         ax.set_xlabel("concurrent users")
         ax.set_ylabel(ylabel)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)  # user counts usually double from one run to the next
+        ax.set_xticks(all_users, [str(u) for u in all_users])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
