@@ -67,6 +67,23 @@ def summarise(rounds: list[dict]) -> dict:
             "ratio": {m: many[m] / one[m] if one[m] else None for m in METRICS}}
 
 
+def noise_note(report: dict) -> str:
+    """How much one configuration's TTFT p50 moved between rounds, next to the 1-vs-4 difference."""
+    spreads = []
+    for count in (1, N_ADAPTERS):
+        values = [run["ttft_p50_ms"] for r in report["rounds"] for run in r["runs"] if run["model_count"] == count]
+        if len(values) > 1 and min(values) > 0:
+            spreads.append(max(values) / min(values))
+    if not spreads:
+        return ""
+    ratio = report["summary"]["ratio"]["ttft_p50_ms"]
+    gap = max(ratio, 1 / ratio)
+    verdict = ("so the difference between 1 and 4 adapters is within the noise" if gap <= max(spreads)
+               else "so the difference between 1 and 4 adapters exceeds it")
+    return (f"The same configuration's TTFT p50 differed by up to {max(spreads):.2f}x between rounds, against "
+            f"{gap:.2f}x between the 1- and 4-adapter means, {verdict}.")
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, settings = report["summary"], report["settings"]
     one, many, ratio = s["1_adapter"], s[f"{N_ADAPTERS}_adapters"], s["ratio"]
@@ -87,6 +104,13 @@ def write_markdown(report: dict, path: Path) -> None:
         "| --- | ---: | ---: | ---: |",
         *(f"| {label} | {one[key]:.{d}f} | {many[key]:.{d}f} | {ratio[key]:.3f} |" for label, key, d in rows),
         "",
+        "Per round (output tokens/s, TTFT p50 / p99 ms): " + "; ".join(
+            f"round {i}: " + ", ".join(
+                f"{run['model_count']} adapter{'s' if run['model_count'] > 1 else ''} "
+                f"{run['output_tokens_per_s']:.1f} tok/s, {run['ttft_p50_ms']:.0f} / {run['ttft_p99_ms']:.0f}"
+                for run in round_["runs"])
+            for i, round_ in enumerate(report["rounds"], start=1)) + ". " + noise_note(report),
+        "",
         report["caveat"],
         f"Raw runs: `{report['json']}`.",
         SECTION_END,
@@ -98,7 +122,7 @@ def write_markdown(report: dict, path: Path) -> None:
         text = before + block + rest.split(SECTION_END, 1)[1]
     elif HEADING in text:
         before, after = text.split(HEADING, 1)
-        text = before + HEADING + "\n\n" + block + "\n" + after
+        text = before + HEADING + "\n\n" + block + "\n\n" + after.lstrip("\n")
     else:
         text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
     path.write_text(text)
@@ -115,7 +139,11 @@ def main() -> None:
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--from-json", help="only rewrite the BENCHMARKS.md section from this results file")
     args = parser.parse_args()
+    if args.from_json:
+        write_markdown(json.loads(Path(args.from_json).read_text()), Path(args.markdown))
+        return
 
     from loraplex.loadtests.workload import BUILTIN_PROMPTS
     from loraplex.models import resolve_base_model, served_name

@@ -7,6 +7,7 @@ sweep.json/md/png.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def loadtest(
     from loraplex.loadtests import summary as summaries
     from loraplex.loadtests import workload
 
+    if importlib.util.find_spec("locust") is None:
+        raise LoraplexError("locust is not installed", hint="pip install 'loraplex[loadtest]'")
     root = workload.check_target(base_url, allow_remote)
     user_counts = parse_users(users)
     duration_s = workload.parse_duration(duration)
