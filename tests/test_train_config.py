@@ -83,3 +83,15 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(LoraplexError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_speed_options_default_off_and_liger_needs_its_package(monkeypatch):
+    config = load_config(None, name="a", data="d")
+    assert not config.packing and not config.use_liger_kernel
+    assert load_config(None, name="a", data="d", packing=True).packing
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    with pytest.raises(LoraplexError, match="liger-kernel"):
+        load_config(None, name="a", data="d", use_liger_kernel=True)

@@ -12,6 +12,7 @@ the same behaviour is reached through their replacements:
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +75,14 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     group_by_length: bool = Field(True, description="Batch rows of similar length together to waste less padding.")
     max_seq_length: int = Field(1024, ge=16, description="Rows are truncated to this many tokens.")
+    packing: bool = Field(
+        False, description="Pack rows into sequences of max_seq_length tokens with no padding (TRL best-fit "
+        "packing; each row attends only to itself). More rows per step, so fewer optimizer steps per epoch."
+    )
+    use_liger_kernel: bool = Field(
+        False, description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; needs the liger-kernel "
+        "package)."
+    )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto", description="'auto': paged 8-bit AdamW on GPU, plain AdamW on CPU (bitsandbytes has no paged CPU "
         "optimizer)."
@@ -153,6 +162,9 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         problems.append(f"`name`: {e}; {_where('name', source)}")
     for problem in lora_config_problems(config.lora_config_dict()):
         problems.append(f"{problem}; change it in {source} so the adapter stays servable")
+    if config.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(f"`use_liger_kernel` needs the liger-kernel package (pip install liger-kernel) or set it to "
+                        f"false in {source}")
     if config.early_stopping_patience is not None and not _has_validation(config):
         problems.append(f"`early_stopping_patience` needs validation data; {_where('data', source)} to a prepared "
                         "directory or set `val_data:`")

@@ -177,6 +177,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         weight_decay=config.weight_decay,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",  # was group_by_length
         max_length=config.max_seq_length,
+        packing=config.packing,
+        use_liger_kernel=config.use_liger_kernel and device == "cuda",  # Triton kernels: GPU only
         optim=optimizer,
         bf16=precision == "bf16",
         fp16=precision == "fp16",

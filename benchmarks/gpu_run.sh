@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU benchmarks on a machine with no package index, one step after another (BENCHMARKS.md, "GPU (H200)").
+#   bash benchmarks/gpu_run.sh STEP...
+# Steps:
+#   stage NN        copy the carried part .gpu-stage/partNN to /tmp/stage (made by benchmarks/gpu_stage.sh)
+#   check           unpack the parts once (vLLM, bitsandbytes, TRL, Liger, tokenizer) and import everything
+#   serve-baseline  make the model and 256 + 8 adapters, then `loraplex serve` with its own sizing, cold adapters
+#   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
+#   train           QLoRA recipes, each in its own process, merged into one result
+# Results and logs go to $OUT (default /tmp/out); results/ in this tree gets them by hand after the run.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+SITE=/tmp/site WORK=/tmp/bench
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+  DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false LORAPLEX_HOME=$WORK/home BENCH_SERVER_PIDS=$WORK/server.pids
+MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters
+STARTED=$(date +%s)
+
+say() { echo "[gpu_run $(( $(date +%s) - STARTED ))s] $*"; }
+left() { local s=$(( ${RUN_LIMIT_S:-570} - ($(date +%s) - STARTED) )); echo $(( s > 1 ? s : 1 )); }  # seconds this run has left
+
+stop_leftover_servers() {  # servers run in their own process group; a run cut short can leave one behind
+  [ -f "$BENCH_SERVER_PIDS" ] || return 0
+  while read -r pid; do kill -TERM -- "-$pid" 2>/dev/null; done < "$BENCH_SERVER_PIDS"
+  sleep 2
+  while read -r pid; do kill -KILL -- "-$pid" 2>/dev/null; done < "$BENCH_SERVER_PIDS"
+  rm -f "$BENCH_SERVER_PIDS"
+}
+
+setup() {
+  if [ ! -d "$SITE/vllm" ]; then
+    say "unpacking $(ls /tmp/stage | tr '\n' ' ')"
+    cat /tmp/stage/part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$SITE', filter='tar')" || return 1
+  fi
+  # loraplex's package-dir mapping (serve/ -> loraplex.serve, ...) without installing: a linked package tree
+  rm -rf "$WORK/lp" && mkdir -p "$WORK/lp/loraplex" && cp -r loraplex/. "$WORK/lp/loraplex/"
+  for d in serve train eval loadtests; do ln -s "$PWD/$d" "$WORK/lp/loraplex/$d"; done
+}
+
+step_stage() {
+  mkdir -p /tmp/stage && cp ".gpu-stage/part$1" /tmp/stage/ && say "staged part$1 ($(du -sh /tmp/stage | cut -f1) in all)"
+}
+
+step_check() {
+  setup || return 1
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+  df -h /tmp | tail -1
+  python3 - <<'EOF'
+import importlib, sys
+for name in ("torch", "vllm", "bitsandbytes", "trl", "peft", "transformers", "liger_kernel", "loraplex.cli",
+             "loraplex.serve.app", "loraplex.train.trainer", "httpx"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name:24s} {getattr(module, '__version__', '')}  {getattr(module, '__file__', '')}")
+    except Exception as e:
+        print(f"{name:24s} FAILED: {type(e).__name__}: {e}")
+import torch
+print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+EOF
+}
+
+step_serve_baseline() {
+  setup || return 1
+  stop_leftover_servers
+  say "preparing model and adapters"
+  python3 benchmarks/gpu_serve.py prepare --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
+    --tokenizer "$SITE/tok" --adapters 256 --new-adapters 8 || return 1
+  say "loraplex serve, registry sizing"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --model-dir "$MODEL" --registry "$REG" \
+    --new-dir "$NEW" --cold --server-log "$OUT/server-loraplex.log" --out "$OUT/serve-loraplex.json"
+  stop_leftover_servers
+}
+
+step_serve_compare() {
+  setup || return 1
+  stop_leftover_servers
+  say "vLLM OpenAI server, same LoRA settings"
+  timeout "$(( $(left) < 330 ? $(left) : 330 ))" python3 benchmarks/gpu_serve.py bench --server vllm --model-dir "$MODEL" --registry "$REG" \
+    --new-dir "$NEW" --server-log "$OUT/server-vllm.log" --out "$OUT/serve-vllm.json"
+  stop_leftover_servers
+  say "loraplex serve --max-loras 256"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras 256 \
+    --label "loraplex --max-loras 256" --cases base,1,32,256-uniform,256-zipf,base --model-dir "$MODEL" \
+    --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-loraplex-256.log" \
+    --out "$OUT/serve-loraplex-maxloras256.json"
+  stop_leftover_servers
+}
+
+step_train() {
+  setup || return 1
+  stop_leftover_servers
+  rm -rf "$REG" "$NEW"  # the serving adapters: disk for the trained ones
+  python3 benchmarks/gpu_serve.py prepare --model-dir "$MODEL" --registry "$WORK/empty" --new-dir "$WORK/empty" \
+    --tokenizer "$SITE/tok" --adapters 0 --new-adapters 0 || return 1
+  python3 benchmarks/gpu_train.py data --tokenizer "$SITE/tok" --out "$WORK/train.jsonl" || return 1
+  for recipe in ${RECIPES:-standard loraplex loraplex-liger loraplex-bs2x4 loraplex-packing}; do
+    if [ "$(left)" -lt 100 ]; then say "skipping $recipe: out of time"; continue; fi
+    say "recipe $recipe"
+    timeout "$(( $(left) < 300 ? $(left) : 300 ))" python3 benchmarks/gpu_train.py run --recipe "$recipe" --model-dir "$MODEL" --data "$WORK/train.jsonl" \
+      --workdir "$WORK/train" --out "$OUT/train-$recipe.json" 2>&1 | grep -v -i "warn" | tail -25
+  done
+  python3 benchmarks/gpu_train.py merge --out "$OUT/train.json" "$OUT"/train-*.json
+}
+
+while [ $# -gt 0 ]; do
+  step=$1; shift
+  case $step in
+    stage) step_stage "$1"; shift ;;
+    check) step_check 2>&1 | tee -a "$OUT/check.log" ;;
+    serve-baseline) step_serve_baseline 2>&1 | tee -a "$OUT/serve-baseline.log" ;;
+    serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
+    train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+say "done"

@@ -1,0 +1,464 @@
+"""Multi-LoRA serving speed on a GPU: `loraplex serve` or vLLM's own OpenAI server, over HTTP.
+
+`prepare` builds what is measured (a random-weight model and random rank-16 adapters on every linear layer);
+`bench` starts one server with every adapter of the registry, then sends the traffic of each case as one burst
+of streaming /v1/completions requests (fixed lengths: random prompt token ids, ignore_eos and min_tokens) and
+records output tokens/s over the burst and time to first token. Every case's prompts are new, so no case is
+helped by the prefix cache. Cases:
+
+    base          every request to the base model (run first and last: the ratio's reference and its drift)
+    N             N adapters, round-robin
+    N-uniform     N adapters, each request's adapter drawn uniformly
+    N-zipf        N adapters, drawn with probability ~ 1/rank^1.1 (a few popular adapters, a long tail)
+
+`--cold` (loraplex only) then times the first request to an adapter published into the registry after the
+server started: on an idle server (loaded by the request itself, or first prefetched by a registry scan), and
+under a burst of base-model streams, whose largest gap between tokens is compared with the same burst alone.
+
+    python benchmarks/gpu_serve.py prepare --model-dir /tmp/m --registry /tmp/reg --new-dir /tmp/new
+    python benchmarks/gpu_serve.py bench --server loraplex --model-dir /tmp/m --registry /tmp/reg \\
+        --new-dir /tmp/new --cold --out benchmarks/results/gpu-serve-loraplex.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import log, make_adapters, make_model, percentile, result_document, write_result  # noqa: E402
+
+DEFAULT_CASES = "base,1,8,32,256-uniform,256-zipf,base"
+ZIPF_EXPONENT = 1.1
+VLLM_BASE_NAME = "base"
+
+
+def adapter_names(count: int, prefix: str = "a") -> list[str]:
+    return [f"{prefix}{i:03d}" for i in range(count)]
+
+
+# ---------------------------------------------------------------- traffic
+
+def parse_case(spec: str) -> tuple[int, str]:
+    """'base' -> (0, 'base'); '8' -> (8, 'round-robin'); '256-zipf' -> (256, 'zipf')."""
+    if spec == "base":
+        return 0, "base"
+    count, _, mix = spec.partition("-")
+    mix = mix or "round-robin"
+    if not count.isdigit() or int(count) < 1 or mix not in ("round-robin", "uniform", "zipf"):
+        raise ValueError(f"case {spec!r}: use base, N, N-uniform or N-zipf")
+    return int(count), mix
+
+
+def case_label(spec: str) -> str:
+    count, mix = parse_case(spec)
+    if count == 0:
+        return "base model only"
+    return f"{count} adapter{'s' if count > 1 else ''}" + ("" if mix == "round-robin" else f", {mix}")
+
+
+def traffic(spec: str, adapters: list[str], base: str, requests: int, seed: int) -> list[str]:
+    """The model name of each request of one case."""
+    count, mix = parse_case(spec)
+    if count > len(adapters):
+        raise ValueError(f"case {spec!r} needs {count} adapters; the registry has {len(adapters)}")
+    pool = adapters[:count]
+    rng = random.Random(seed)
+    if mix == "base":
+        return [base] * requests
+    if mix == "round-robin":
+        return [pool[i % count] for i in range(requests)]
+    if mix == "uniform":
+        return [rng.choice(pool) for _ in range(requests)]
+    weights = [1 / (rank + 1) ** ZIPF_EXPONENT for rank in range(count)]
+    return rng.choices(pool, weights=weights, k=requests)
+
+
+def random_prompts(requests: int, length: int, seed: int, low: int = 100, high: int = 49000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(low, high) for _ in range(length)] for _ in range(requests)]
+
+
+def completion_body(model: str, prompt: list[int], output_len: int) -> dict:
+    # ignore_eos and min_tokens: every request generates exactly output_len tokens, whatever the weights say.
+    return {"model": model, "prompt": prompt, "max_tokens": output_len, "min_tokens": output_len,
+            "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+
+
+# ---------------------------------------------------------------- client
+# Streaming 512 requests parses ~65k server-sent events; one Python process would be the bottleneck, so the
+# requests are spread over a few client processes that start together at an agreed wall-clock time.
+
+async def _stream_one(client, url: str, body: dict) -> dict:
+    record = {"model": body["model"], "start": time.time(), "ttft": None, "tokens": 0, "max_gap": 0.0,
+              "error": None}
+    last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                record["error"] = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.time()
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    if record["ttft"] is None:
+                        record["ttft"] = now - record["start"]
+                    elif last is not None:
+                        record["max_gap"] = max(record["max_gap"], now - last)
+                    last = now
+                    record["tokens_seen"] = record.get("tokens_seen", 0) + 1
+                if chunk.get("usage"):
+                    record["tokens"] = chunk["usage"]["completion_tokens"]
+                if chunk.get("error"):
+                    record["error"] = str(chunk["error"])[:300]
+    except Exception as e:  # a broken connection is one failed request, not a failed benchmark
+        record["error"] = f"{type(e).__name__}: {e}"[:300]
+    record["tokens"] = record["tokens"] or record.get("tokens_seen", 0)  # a server that sends no usage
+    record["end"] = time.time()
+    return record
+
+
+async def _send_all(url: str, bodies: list[dict], start_at: float) -> list[dict]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(900.0)) as client:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        return await asyncio.gather(*(_stream_one(client, url, body) for body in bodies))
+
+
+def _client_process(url: str, bodies: list[dict], start_at: float) -> list[dict]:
+    return asyncio.run(_send_all(url, bodies, start_at))
+
+
+class LoadClient:
+    """A pool of client processes; `burst` sends every request at once and returns one record per request."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+
+    def submit_burst(self, url: str, bodies: list[dict], start_at: float):
+        shares = [bodies[i::self.processes] for i in range(self.processes)]
+        return [self.pool.submit(_client_process, url, share, start_at) for share in shares if share]
+
+    def burst(self, url: str, bodies: list[dict], lead_s: float = 1.0) -> list[dict]:
+        futures = self.submit_burst(url, bodies, time.time() + lead_s)
+        return [record for future in futures for record in future.result()]
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def summarize(records: list[dict], output_len: int) -> dict:
+    ok = [r for r in records if r["error"] is None and r["ttft"] is not None]
+    stats = {"requests": len(records), "errors": len(records) - len(ok),
+             "short_answers": sum(1 for r in ok if r["tokens"] != output_len)}
+    if not ok:
+        stats["first_error"] = next((r["error"] for r in records if r["error"]), "no tokens")
+        return stats
+    duration = max(r["end"] for r in ok) - min(r["start"] for r in records)
+    ttfts = [r["ttft"] * 1000 for r in ok]
+    gaps = [r["max_gap"] * 1000 for r in ok]
+    stats.update(out_tok_s=round(sum(r["tokens"] for r in ok) / duration, 1), duration_s=round(duration, 3),
+                 ttft_p50_ms=round(percentile(ttfts, 50), 1), ttft_p99_ms=round(percentile(ttfts, 99), 1),
+                 max_gap_p50_ms=round(percentile(gaps, 50), 1), max_gap_max_ms=round(max(gaps), 1))
+    if any(r["error"] for r in records):
+        stats["first_error"] = next(r["error"] for r in records if r["error"])
+    return stats
+
+
+# ---------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_lora_flags(sizing) -> list[str]:
+    return ["--enable-lora", "--max-loras", str(sizing.max_loras), "--max-cpu-loras", str(sizing.max_cpu_loras),
+            "--max-lora-rank", str(sizing.max_lora_rank)]
+
+
+def server_command(args, port: int, adapters: list[str], sizing) -> list[str]:
+    """The command that starts the server under test with every registry adapter."""
+    if args.server == "loraplex":
+        # --max-queue above the burst (its default of 256 would answer the rest with 429); --scan-interval long,
+        # so that only the cold-adapter test decides when a new adapter is loaded. LoRA slots: loraplex's own
+        # sizing from the registry unless --max-loras is given.
+        cmd = [sys.executable, "-m", "loraplex", "serve", "--base-model", str(args.model_dir), "--adapters-dir",
+               str(args.registry), "--port", str(port), "--max-queue", "8192", "--scan-interval", "3600"]
+        if args.max_loras:
+            cmd += ["--max-loras", str(args.max_loras)]
+    else:
+        # The same LoRA settings loraplex chose for this registry; every other engine setting is vLLM's default
+        # on both servers.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model_dir),
+               "--served-model-name", VLLM_BASE_NAME, "--port", str(port), "--seed", "0",
+               *vllm_lora_flags(sizing), "--lora-modules",
+               *[f"{name}={Path(args.registry) / name}" for name in adapters]]
+    return cmd + list(args.server_arg or [])
+
+
+class Server:
+    def __init__(self, cmd: list[str], port: int, log_path: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.log_path, "w")
+        log("starting:", " ".join(cmd[:14]), "..." if len(cmd) > 14 else "")
+        # its own process group, so that stopping it stops vLLM's engine core too
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        if os.environ.get("BENCH_SERVER_PIDS"):  # gpu_run.sh stops a server a cut-off run left behind
+            with open(os.environ["BENCH_SERVER_PIDS"], "a") as f:
+                f.write(f"{self.proc.pid}\n")
+
+    def wait_ready(self, timeout_s: float) -> float:
+        import httpx
+
+        started = time.time()
+        while time.time() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n"
+                                   + self.log_tail())
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
+                    return time.time() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"server not ready after {timeout_s:.0f}s; log: {self.log_path}\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 40) -> str:
+        self.log_file.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log_file.close()
+
+
+def base_model_name(args) -> str:
+    from loraplex.models import served_name
+
+    return served_name(str(args.model_dir)) if args.server == "loraplex" else VLLM_BASE_NAME
+
+
+# ---------------------------------------------------------------- cold adapters (loraplex)
+
+def _one_stream(url: str, model: str, prompt: list[int], output_len: int) -> dict:
+    return asyncio.run(_send_all(url, [completion_body(model, prompt, output_len)], time.time()))[0]
+
+
+def cold_adapter_test(args, server: Server, client: LoadClient, base: str, new_names: list[str]) -> dict:
+    """First requests to adapters published into the registry while the server runs."""
+    import httpx
+
+    new_dir, registry = Path(args.new_dir), Path(args.registry)
+    prompts = iter(random_prompts(64, args.prompt_len, seed=10_000))
+    names = iter(new_names)
+
+    def publish() -> str:
+        name = next(names)
+        os.rename(new_dir / name, registry / name)
+        return name
+
+    def ttft_ms(model: str) -> float | None:
+        record = _one_stream(server.url, model, next(prompts), 8)
+        return None if record["error"] or record["ttft"] is None else record["ttft"] * 1000
+
+    resident = [ttft_ms("a000") for _ in range(3)]
+    base_ttft = [ttft_ms(base) for _ in range(3)]
+    loaded_by_request = [ttft_ms(publish()) for _ in range(3)]
+    prefetched = []
+    for _ in range(3):
+        name = publish()
+        httpx.get(server.url + "/v1/adapters", timeout=60)  # what the periodic registry scan does
+        prefetched.append(ttft_ms(name))
+
+    def median(values):
+        return round(percentile([v for v in values if v is not None], 50), 1) if any(values) else None
+
+    result = {"resident_adapter_ttft_ms": median(resident), "base_ttft_ms": median(base_ttft),
+              "new_adapter_loaded_by_request_ttft_ms": median(loaded_by_request),
+              "new_adapter_prefetched_ttft_ms": median(prefetched)}
+    if result["resident_adapter_ttft_ms"] is not None:
+        for key in ("new_adapter_loaded_by_request", "new_adapter_prefetched"):
+            if result[key + "_ttft_ms"] is not None:
+                result[key + "_added_ms"] = round(result[key + "_ttft_ms"] - result["resident_adapter_ttft_ms"], 1)
+
+    # Under load: a burst of base-model streams alone, then the same burst with a new adapter's first request
+    # 1.5 s in. A load that stalls the engine shows as a larger gap between tokens in the other streams.
+    size = args.cold_burst
+    for label, with_new in (("burst_alone", False), ("burst_with_new_adapter", True)):
+        bodies = [completion_body(base, p, args.output_len)
+                  for p in random_prompts(size, args.prompt_len, seed=20_000 + with_new)]
+        start_at = time.time() + 1.0
+        futures = client.submit_burst(server.url, bodies, start_at)
+        if with_new:
+            time.sleep(max(0.0, start_at + 1.5 - time.time()))
+            new = _one_stream(server.url, publish(), next(prompts), 8)
+            result["new_adapter_under_load_ttft_ms"] = None if new["ttft"] is None else round(new["ttft"] * 1000, 1)
+        stats = summarize([r for f in futures for r in f.result()], args.output_len)
+        result[label] = {k: stats.get(k) for k in ("out_tok_s", "ttft_p50_ms", "max_gap_p50_ms", "max_gap_max_ms",
+                                                    "errors")}
+    return result
+
+
+# ---------------------------------------------------------------- main
+
+def bench(args) -> dict:
+    from loraplex.registry import list_adapters
+    from loraplex.serve.adapters import size_loras
+
+    found, _ = list_adapters(Path(args.registry))
+    adapters = sorted(a.name for a in found)
+    sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
+    base = base_model_name(args)
+    port = free_port()
+    server = Server(server_command(args, port, adapters, sizing), port, args.server_log)
+    client = LoadClient(args.client_processes)
+    cases, extra = [], {}
+    try:
+        start_s = server.wait_ready(args.start_timeout)
+        log(f"{args.server} ready in {start_s:.0f}s with {len(adapters)} adapters ({sizing})")
+        warm = [completion_body(m, p, 4) for m, p in zip([base, *adapters[:64]], random_prompts(65, 32, seed=1))]
+        warm_stats = summarize(client.burst(server.url, warm), 4)
+        log("warm-up:", warm_stats)
+        try:
+            for index, spec in enumerate(args.cases.split(",")):
+                models = traffic(spec, adapters, base, args.requests, seed=index)
+                prompts = random_prompts(args.requests, args.prompt_len, seed=1000 + index)
+                records = client.burst(server.url, [completion_body(m, p, args.output_len)
+                                                    for m, p in zip(models, prompts)])
+                stats = summarize(records, args.output_len)
+                count, mix = parse_case(spec)
+                name = case_label(spec) + (" (again)" if spec == "base" and index > 0 else "")
+                case = {"name": f"{args.label}: {name}", "adapters": count, "traffic": mix,
+                        "distinct_adapters": len(set(models)) if count else 0, **stats}
+                cases.append(case)
+                log(json.dumps(case))
+                write_result(args.out, result_document("serve", cases, partial=True))  # kept if the run is cut
+                if stats["errors"] == stats["requests"]:
+                    raise RuntimeError(f"every request failed: {stats.get('first_error')}")
+            if args.cold:
+                extra["cold_adapter"] = cold_adapter_test(args, server, client, base,
+                                                          adapter_names(args.new_adapters, "new"))
+                log("cold adapter:", json.dumps(extra["cold_adapter"]))
+        except Exception as e:  # keep the cases measured so far
+            extra["error"] = f"{type(e).__name__}: {e}"
+            log("stopped early:", extra["error"], "\n" + server.log_tail())
+        bases = [c["out_tok_s"] for c in cases if c["adapters"] == 0 and "out_tok_s" in c]
+        if bases:
+            reference = sum(bases) / len(bases)
+            for case in cases:
+                if "out_tok_s" in case:
+                    case["ratio_to_base"] = round(case["out_tok_s"] / reference, 3)
+    finally:
+        client.close()
+        server.stop()
+        # the next benchmark must find the registry as prepared
+        for name in adapter_names(args.new_adapters, "new"):
+            if (Path(args.registry) / name).exists():
+                os.rename(Path(args.registry) / name, Path(args.new_dir) / name)
+    settings = {"server": args.server, "label": args.label, "server_ready_s": round(start_s, 1),
+                "registry_adapters": len(adapters), "max_loras": sizing.max_loras,
+                "max_cpu_loras": sizing.max_cpu_loras, "max_lora_rank": sizing.max_lora_rank,
+                "requests_per_case": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
+                "zipf_exponent": ZIPF_EXPONENT, "client_processes": args.client_processes,
+                "command": " ".join(server_command(args, 0, adapters[:2], sizing)) + " ..."}
+    return result_document("serve", cases, settings=settings, **extra)
+
+
+def prepare(args) -> None:
+    started = time.time()
+    make_model(args.model_dir, args.tokenizer, shape=args.shape)
+    log(f"model ready in {time.time() - started:.0f}s: {args.model_dir}")
+    started = time.time()
+    make_adapters(args.registry, args.model_dir, adapter_names(args.adapters), rank=args.rank)
+    make_adapters(args.new_dir, args.model_dir, adapter_names(args.new_adapters, "new"), rank=args.rank,
+                  first_seed=100_000)
+    log(f"{args.adapters} + {args.new_adapters} adapters of rank {args.rank} ready in {time.time() - started:.0f}s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("prepare", "bench"):
+        p = sub.add_parser(name)
+        p.add_argument("--model-dir", type=Path, required=True)
+        p.add_argument("--registry", type=Path, required=True, help="Adapter registry the server reads.")
+        p.add_argument("--new-dir", type=Path, required=True,
+                       help="Adapters published into the registry during the cold-adapter test.")
+        p.add_argument("--new-adapters", type=int, default=8)
+    prep = sub.choices["prepare"]
+    prep.add_argument("--tokenizer", type=Path, required=True, help="Tokenizer files copied into the model.")
+    prep.add_argument("--shape", choices=("8b", "tiny"), default="8b")
+    prep.add_argument("--adapters", type=int, default=256)
+    prep.add_argument("--rank", type=int, default=16)
+    b = sub.choices["bench"]
+    b.add_argument("--server", choices=("loraplex", "vllm"), required=True)
+    b.add_argument("--label", help="Case name prefix (default: the server).")
+    b.add_argument("--cases", default=DEFAULT_CASES, help="Comma-separated: base, N, N-uniform, N-zipf.")
+    b.add_argument("--requests", type=int, default=512, help="Requests per case, sent as one burst.")
+    b.add_argument("--prompt-len", type=int, default=256)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--max-loras", type=int, help="LoRA slots per batch (default: loraplex's registry sizing).")
+    b.add_argument("--cold", action="store_true", help="Also time first requests to new adapters (loraplex).")
+    b.add_argument("--cold-burst", type=int, default=256, help="Base-model streams around the cold request.")
+    b.add_argument("--client-processes", type=int, default=8)
+    b.add_argument("--start-timeout", type=float, default=900)
+    b.add_argument("--server-arg", action="append", help="Extra server flag (repeatable), e.g. for CPU dry runs.")
+    b.add_argument("--server-log", type=Path, default=Path("server.log"))
+    b.add_argument("--out", type=Path, required=True, help="Result JSON file.")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        args.label = args.label or args.server
+        for spec in args.cases.split(","):
+            try:
+                parse_case(spec)
+            except ValueError as e:
+                parser.error(str(e))
+        if args.cold and args.server != "loraplex":
+            parser.error("--cold publishes into loraplex's registry; vLLM's server does not watch it")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (stop the server) on `timeout`
+    if args.command == "prepare":
+        prepare(args)
+        return
+    document = bench(args)
+    write_result(args.out, document)
+    log(f"wrote {args.out}")
+    for case in document["cases"]:
+        log(f"{case['name']:45s} {case.get('out_tok_s', 0):>9} tok/s  ratio {case.get('ratio_to_base')}  "
+            f"TTFT p50 {case.get('ttft_p50_ms')} ms p99 {case.get('ttft_p99_ms')} ms  errors {case.get('errors')}")
+
+
+if __name__ == "__main__":
+    main()

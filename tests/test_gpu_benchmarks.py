@@ -1,0 +1,164 @@
+"""The GPU benchmark scripts on CPU: they import, parse their arguments, build traffic, summarize streams, write
+result files of the documented schema, and make adapters that loraplex serve accepts. No GPU needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_common  # noqa: E402
+import gpu_serve  # noqa: E402
+import gpu_train  # noqa: E402
+
+
+def test_serve_arguments():
+    args = gpu_serve.parse_args(["bench", "--server", "vllm", "--model-dir", "m", "--registry", "r", "--new-dir", "n",
+                                 "--out", "o.json", "--server-arg=--kv-cache-memory-bytes", "--server-arg=1"])
+    assert (args.server, args.label, args.requests, args.prompt_len, args.output_len) == ("vllm", "vllm", 512, 256, 128)
+    assert args.cases.split(",") == ["base", "1", "8", "32", "256-uniform", "256-zipf", "base"]
+    assert args.server_arg == ["--kv-cache-memory-bytes", "1"]
+    prep = gpu_serve.parse_args(["prepare", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--tokenizer", "t"])
+    assert (prep.adapters, prep.rank, prep.shape, prep.new_adapters) == (256, 16, "8b", 8)
+    for bad in (["--cases", "base,3-random"], ["--cold"]):  # unknown mix; cold adapters need loraplex's registry
+        with pytest.raises(SystemExit):
+            gpu_serve.parse_args(["bench", "--server", "vllm", "--model-dir", "m", "--registry", "r",
+                                  "--new-dir", "n", "--out", "o", *bad])
+
+
+def test_traffic_mixes():
+    names = gpu_serve.adapter_names(256)
+    assert names[:2] == ["a000", "a001"] and len(set(names)) == 256
+    assert gpu_serve.traffic("base", names, "b", 5, seed=0) == ["b"] * 5
+    assert gpu_serve.traffic("8", names, "b", 16, seed=0) == names[:8] * 2
+    uniform = Counter(gpu_serve.traffic("256-uniform", names, "b", 512, seed=0))
+    zipf = Counter(gpu_serve.traffic("256-zipf", names, "b", 512, seed=0))
+    assert set(uniform) <= set(names) and len(uniform) > 150
+    assert zipf.most_common(1)[0][0] == "a000" and zipf["a000"] > 5 * max(uniform.values()) and len(zipf) < len(uniform)
+    assert gpu_serve.traffic("256-zipf", names, "b", 64, seed=3) == gpu_serve.traffic("256-zipf", names, "b", 64, seed=3)
+    with pytest.raises(ValueError):
+        gpu_serve.traffic("300", names, "b", 4, seed=0)
+    assert [gpu_serve.case_label(s) for s in ("base", "1", "256-zipf")] == [
+        "base model only", "1 adapter", "256 adapters, zipf"]
+
+
+def test_requests_have_fixed_lengths():
+    prompts = gpu_serve.random_prompts(3, 256, seed=1)
+    assert [len(p) for p in prompts] == [256] * 3 and prompts != gpu_serve.random_prompts(3, 256, seed=2)
+    body = gpu_serve.completion_body("a001", prompts[0], 128)
+    assert body["max_tokens"] == body["min_tokens"] == 128 and body["ignore_eos"] and body["stream"]
+    # loraplex's protocol accepts the same body
+    from loraplex.serve.protocol import CompletionRequest
+
+    request = CompletionRequest.model_validate(body)
+    assert (request.min_tokens, request.ignore_eos, request.include_usage()) == (128, True, True)
+
+
+def test_summary_of_streams():
+    records = [{"start": 10.0, "ttft": 0.1 * (i + 1), "end": 12.0, "tokens": 128, "max_gap": 0.02, "error": None}
+               for i in range(9)]
+    records.append({"start": 10.0, "ttft": None, "end": 10.5, "tokens": 0, "max_gap": 0.0, "error": "HTTP 500"})
+    stats = gpu_serve.summarize(records, 128)
+    assert (stats["requests"], stats["errors"], stats["short_answers"]) == (10, 1, 0)
+    assert stats["out_tok_s"] == 9 * 128 / 2.0 and stats["ttft_p50_ms"] == 500.0 and stats["first_error"] == "HTTP 500"
+    assert gpu_serve.summarize(records[-1:], 128)["errors"] == 1
+
+
+def test_server_commands_share_lora_settings(tmp_path):
+    from loraplex.serve.adapters import size_loras
+
+    sizing = size_loras([16] * 256)
+    assert (sizing.max_loras, sizing.max_cpu_loras, sizing.max_lora_rank) == (16, 272, 16)
+    common = ["--model-dir", "m", "--registry", str(tmp_path), "--new-dir", "n", "--out", "o"]
+    vllm = gpu_serve.server_command(gpu_serve.parse_args(["bench", "--server", "vllm", *common]), 8001,
+                                    ["a000", "a001"], sizing)
+    assert vllm[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert vllm[vllm.index("--max-loras") + 1] == "16" and vllm[vllm.index("--max-cpu-loras") + 1] == "272"
+    assert vllm[-2:] == [f"a000={tmp_path / 'a000'}", f"a001={tmp_path / 'a001'}"]
+    lp = gpu_serve.server_command(gpu_serve.parse_args(["bench", "--server", "loraplex", "--max-loras", "64", *common]),
+                                  8002, [], sizing)
+    assert lp[1:4] == ["-m", "loraplex", "serve"] and lp[lp.index("--max-loras") + 1] == "64"
+    assert int(lp[lp.index("--max-queue") + 1]) > 512  # the whole burst is admitted
+
+
+def test_result_file_schema(tmp_path):
+    document = gpu_common.result_document("serve", [{"name": "x: base", "adapters": 0, "out_tok_s": 1.0,
+                                                     "ratio_to_base": 1.0, "ttft_p50_ms": 2.0, "ttft_p99_ms": 3.0}])
+    path = gpu_common.write_result(tmp_path / "r" / "serve.json", document)
+    loaded = json.loads(path.read_text())
+    assert set(loaded) >= {"kind", "device", "date", "versions", "cases"} and loaded["kind"] == "serve"
+    assert loaded["versions"]["python"] and "torch" in loaded["versions"] and len(loaded["date"]) == 10
+    assert set(loaded["cases"][0]) <= set(gpu_common.CASE_FIELDS)
+    with pytest.raises(ValueError):
+        gpu_common.result_document("serving", [])
+    with pytest.raises(ValueError):
+        gpu_common.result_document("serve", [{"name": "no adapters field"}])
+    assert gpu_common.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and gpu_common.percentile([], 99) is None
+
+
+def test_train_arguments_and_merge(tmp_path):
+    args = gpu_train.parse_args(["run", "--recipe", "loraplex-packing", "--model-dir", "m", "--data", "d",
+                                 "--out", "o.json"])
+    assert args.recipe == "loraplex-packing" and args.steps is None
+    assert set(gpu_train.RECIPES) == set(gpu_train.DESCRIPTIONS) and "standard" in gpu_train.RECIPES
+    with pytest.raises(SystemExit):
+        gpu_train.parse_args(["run", "--recipe", "nope", "--model-dir", "m", "--data", "d", "--out", "o"])
+    parts = []
+    for name, tps, peak in [("standard", 4000.0, 9.8), ("loraplex", 5000.0, 7.5)]:
+        case = {"name": name, "tokens_per_s": tps, "peak_mem_gib": peak}
+        parts.append(gpu_common.write_result(tmp_path / f"{name}.json", gpu_common.result_document("train", [case])))
+    failed = {"name": "loraplex-liger", "error": "RuntimeError: x"}
+    parts.append(gpu_common.write_result(tmp_path / "f.json", gpu_common.result_document("train", [failed])))
+    merged = gpu_train.merge(parts)
+    assert merged["kind"] == "train" and [c["name"] for c in merged["cases"]] == ["standard", "loraplex", "loraplex-liger"]
+    assert merged["cases"][1]["speedup"] == 1.25 and "speedup" not in merged["cases"][2]
+
+
+def test_loraplex_recipes_are_valid_train_configs(tmp_path):
+    for recipe, (runner, fields, steps) in gpu_train.RECIPES.items():
+        if "use_liger_kernel" in fields:
+            continue  # needs the liger-kernel package, which only the GPU machine gets
+        config = gpu_train.loraplex_config(tmp_path / "m", tmp_path / "d.jsonl", tmp_path, recipe, steps, fields)
+        assert config.max_seq_length == gpu_train.MAX_LENGTH and config.max_steps == steps
+
+
+def test_data_rows_are_accepted_training_rows(tmp_path):
+    from loraplex.formats import parse_line
+
+    from loraplex.models import DEFAULT_MODEL, resolve_base_model
+
+    tokenizer = resolve_base_model(DEFAULT_MODEL)  # the benchmark model's vocabulary
+    path = gpu_train.make_data(tokenizer, tmp_path / "rows.jsonl", rows=20)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 20
+    for line in lines:
+        example = parse_line(line)
+        assert 40 <= len(example.prompt[0]["content"].split()) + len(example.completion.split()) <= 700
+
+
+def test_random_adapters_fit_the_random_model(tmp_path):
+    from loraplex.models import DEFAULT_MODEL, resolve_base_model
+    from loraplex.registry import read_adapter
+    from loraplex.serve.adapters import base_module_shapes, compatibility_problems
+
+    model = gpu_common.make_model(tmp_path / "model", resolve_base_model(DEFAULT_MODEL), shape="tiny", device="cpu")
+    assert (model / "tokenizer.json").is_file() and json.loads((model / "config.json").read_text())["vocab_size"] == 49152
+    paths = gpu_common.make_adapters(tmp_path / "registry", model, ["a000", "a001"], rank=16, device="cpu")
+    shapes = base_module_shapes(model)
+    for path in paths:
+        assert read_adapter(path, path.name).rank == 16
+        assert compatibility_problems(path, shapes) == []
+    a, b = (Path(p / "adapter_model.safetensors").read_bytes() for p in paths)
+    assert a != b  # distinct weights per adapter
+
+
+def test_run_script_is_valid_bash():
+    for script in ("gpu_run.sh", "gpu_stage.sh"):
+        subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
