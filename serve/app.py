@@ -208,6 +208,7 @@ def create_app(serving: Serving) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    from loraplex.serve.managed import add_platform_routes; add_platform_routes(app, serving)  # first: wins a path
     api = [Depends(require_api_key)]
     admin = [Depends(require_admin)]
 

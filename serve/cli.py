@@ -28,10 +28,14 @@ def serve(
     = DEFAULT_MODEL,
     adapters_dir: Annotated[Optional[Path], typer.Option(
         help="Adapter registry: one sub-directory per adapter. Default: $LORAPLEX_HOME/adapters.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[Optional[str], typer.Option(
+        help="Address to listen on. Default: 127.0.0.1; 0.0.0.0 with --platform.")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        help="Port to listen on. Default: 8000; with --platform sagemaker 8080 ($SAGEMAKER_BIND_TO_PORT), "
+        "with --platform vertex $AIP_HTTP_PORT or 8080.")] = None,
     api_key: Annotated[Optional[list[str]], typer.Option(
-        help="Accepted bearer key for /v1 routes (repeatable). Without any, /v1 is open.")] = None,
+        help="Accepted bearer key for /v1 routes (repeatable; a comma-separated list also works, as in "
+        "LORAPLEX_API_KEYS). Without any, /v1 is open.", envvar="LORAPLEX_API_KEYS")] = None,
     admin_key: Annotated[Optional[str], typer.Option(
         help="Bearer key for POST/DELETE /v1/adapters. With --api-key but no --admin-key those routes are off.",
         envvar="LORAPLEX_ADMIN_KEY")] = None,
@@ -60,6 +64,12 @@ def serve(
     seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to split each layer over.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option(help="GPUs to split the layers over.")] = 1,
+    distributed_executor_backend: Annotated[Optional[str], typer.Option(
+        help="How vLLM runs its workers beyond one GPU: mp (processes on this machine) or ray (a Ray cluster, "
+        "for several machines). Default: vLLM's choice.")] = None,
+    platform: Annotated[Optional[str], typer.Option(
+        help="Also serve a managed endpoint's container contract: sagemaker (GET /ping, POST /invocations) or "
+        "vertex (AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE).")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
         help="Fraction of GPU memory for the engine. Default: vLLM's.")] = None,
     kv_cache_gb: Annotated[Optional[float], typer.Option(
@@ -73,17 +83,22 @@ def serve(
 
     from loraplex.models import resolve_base_model, served_name
     from loraplex.serve.config import ServeConfig
+    from loraplex.serve.managed import listen_address
 
+    host, port = listen_address(platform, host, port)
+    # Keys never contain commas or whitespace (ServeConfig checks), so one value may list several.
+    api_keys = [key for value in api_key or [] for key in value.split(",") if key]
     config = ServeConfig(
         base_model=base_model, model_path=resolve_base_model(base_model), served_name=served_name(base_model),
         adapters_dir=(adapters_dir or default_adapters_dir()).expanduser(), host=host, port=port,
-        api_keys=list(api_key or []), admin_key=admin_key,
+        api_keys=api_keys, admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,
         dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend=distributed_executor_backend,
+        platform=platform, gpu_memory_utilization=gpu_memory_utilization,
         kv_cache_gb=kv_cache_gb, enforce_eager=enforce_eager, log_requests=log_requests,
     ).check()
     from loraplex.serve.aliases import load_aliases

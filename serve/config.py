@@ -52,6 +52,11 @@ class ServeConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    """How vLLM runs its workers beyond one GPU (`--distributed-executor-backend`): `mp` (processes on this
+    machine) or `ray` (a Ray cluster, across machines). None: vLLM's choice."""
+    platform: str | None = None
+    """Managed-endpoint container contract served besides /v1 (`--platform`): `sagemaker` or `vertex`."""
     gpu_memory_utilization: float | None = None
     """Fraction of GPU memory for the engine (`--gpu-memory-utilization`). None: vLLM's default."""
     kv_cache_gb: float | None = None
@@ -85,6 +90,10 @@ class ServeConfig:
             out.append(f"--max-lora-rank {self.max_lora_rank} is above 512, the highest rank vLLM serves")
         if self.scan_interval <= 0:
             out.append(f"--scan-interval {self.scan_interval} must be positive")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            out.append(f"--distributed-executor-backend {self.distributed_executor_backend} must be mp or ray")
+        if self.platform not in (None, "sagemaker", "vertex"):
+            out.append(f"--platform {self.platform} must be sagemaker or vertex")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
