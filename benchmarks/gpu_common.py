@@ -35,26 +35,28 @@ def log(*parts) -> None:
     print(*parts, flush=True)
 
 
-def make_model(path: Path, tokenizer_dir: Path, shape: str = "8b", device: str | None = None) -> Path:
-    """A random-weight Llama model saved as a Hugging Face directory (kept if it already exists)."""
+def make_model(path: Path, tokenizer_dir: Path | None, shape: str = "8b", device: str | None = None) -> Path:
+    """A random-weight Llama model saved as a Hugging Face directory (kept if it already exists), with the
+    tokenizer's files copied in once `tokenizer_dir` is given."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=4096, rope_theta=500000.0,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, **SHAPES[shape])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    for file in Path(tokenizer_dir).iterdir():
-        shutil.copy(file, path / file.name)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    if not (path / "config.json").is_file():
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=4096, rope_theta=500000.0,
+                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                             **SHAPES[shape])
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if tokenizer_dir is not None and not (path / "tokenizer.json").is_file():
+        for file in Path(tokenizer_dir).iterdir():
+            shutil.copy(file, path / file.name)
     return path
 
 

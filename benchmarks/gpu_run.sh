@@ -4,18 +4,20 @@
 # Steps:
 #   stage NN        copy the carried part .gpu-stage/partNN to /tmp/stage (made by benchmarks/gpu_stage.sh)
 #   check           unpack the parts once (vLLM, bitsandbytes, TRL, Liger, tokenizer) and import everything
-#   serve-baseline  make the model and 256 + 8 adapters, then `loraplex serve` with its own sizing, cold adapters
+#   prepare         make the random 8B model and 256 + 8 adapters (the tokenizer is added once unpacked)
+#   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
 #   train           QLoRA recipes, each in its own process, merged into one result
 # Results and logs go to $OUT (default /tmp/out); results/ in this tree gets them by hand after the run.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-SITE=/tmp/site WORK=/tmp/bench
+SITE=${SITE:-/tmp/site} WORK=${WORK:-/tmp/bench}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false LORAPLEX_HOME=$WORK/home BENCH_SERVER_PIDS=$WORK/server.pids
 MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters
 STARTED=$(date +%s)
+BENCH_ARGS=${BENCH_ARGS:-}  # extra gpu_serve.py bench flags, for dry runs on CPU
 
 say() { echo "[gpu_run $(( $(date +%s) - STARTED ))s] $*"; }
 left() { local s=$(( ${RUN_LIMIT_S:-570} - ($(date +%s) - STARTED) )); echo $(( s > 1 ? s : 1 )); }  # seconds this run has left
@@ -29,9 +31,10 @@ stop_leftover_servers() {  # servers run in their own process group; a run cut s
 }
 
 setup() {
-  if [ ! -d "$SITE/vllm" ]; then
+  if [ ! -f "$SITE/.unpacked" ]; then
     say "unpacking $(ls /tmp/stage | tr '\n' ' ')"
     cat /tmp/stage/part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$SITE', filter='tar')" || return 1
+    touch "$SITE/.unpacked"
   fi
   # loraplex's package-dir mapping (serve/ -> loraplex.serve, ...) without installing: a linked package tree
   rm -rf "$WORK/lp" && mkdir -p "$WORK/lp/loraplex" && cp -r loraplex/. "$WORK/lp/loraplex/"
@@ -60,15 +63,21 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 EOF
 }
 
+step_prepare() {  # needs only the machine's own torch and transformers: can run before the parts are all there
+  local tok=()
+  [ -d "$SITE/tok" ] && tok=(--tokenizer "$SITE/tok")
+  say "preparing model and adapters"
+  python3 benchmarks/gpu_serve.py prepare --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" "${tok[@]}" \
+    --adapters "${ADAPTERS:-256}" --new-adapters 8 --shape "${SHAPE:-8b}"
+}
+
 step_serve_baseline() {
   setup || return 1
   stop_leftover_servers
-  say "preparing model and adapters"
-  python3 benchmarks/gpu_serve.py prepare --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
-    --tokenizer "$SITE/tok" --adapters 256 --new-adapters 8 || return 1
+  step_prepare || return 1
   say "loraplex serve, registry sizing"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --model-dir "$MODEL" --registry "$REG" \
-    --new-dir "$NEW" --cold --server-log "$OUT/server-loraplex.log" --out "$OUT/serve-loraplex.json"
+    --new-dir "$NEW" --cold --server-log "$OUT/server-loraplex.log" --out "$OUT/serve-loraplex.json" $BENCH_ARGS
   stop_leftover_servers
 }
 
@@ -77,13 +86,13 @@ step_serve_compare() {
   stop_leftover_servers
   say "vLLM OpenAI server, same LoRA settings"
   timeout "$(( $(left) < 330 ? $(left) : 330 ))" python3 benchmarks/gpu_serve.py bench --server vllm --model-dir "$MODEL" --registry "$REG" \
-    --new-dir "$NEW" --server-log "$OUT/server-vllm.log" --out "$OUT/serve-vllm.json"
+    --new-dir "$NEW" --server-log "$OUT/server-vllm.log" --out "$OUT/serve-vllm.json" $BENCH_ARGS
   stop_leftover_servers
   say "loraplex serve --max-loras 256"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras 256 \
     --label "loraplex --max-loras 256" --cases base,1,32,256-uniform,256-zipf,base --model-dir "$MODEL" \
     --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-loraplex-256.log" \
-    --out "$OUT/serve-loraplex-maxloras256.json"
+    --out "$OUT/serve-loraplex-maxloras256.json" $BENCH_ARGS
   stop_leftover_servers
 }
 
@@ -108,6 +117,7 @@ while [ $# -gt 0 ]; do
   case $step in
     stage) step_stage "$1"; shift ;;
     check) step_check 2>&1 | tee -a "$OUT/check.log" ;;
+    prepare) step_prepare 2>&1 | tee -a "$OUT/prepare.log" ;;
     serve-baseline) step_serve_baseline 2>&1 | tee -a "$OUT/serve-baseline.log" ;;
     serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;

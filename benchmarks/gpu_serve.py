@@ -414,7 +414,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Adapters published into the registry during the cold-adapter test.")
         p.add_argument("--new-adapters", type=int, default=8)
     prep = sub.choices["prepare"]
-    prep.add_argument("--tokenizer", type=Path, required=True, help="Tokenizer files copied into the model.")
+    prep.add_argument("--tokenizer", type=Path, help="Tokenizer files copied into the model (once given).")
     prep.add_argument("--shape", choices=("8b", "tiny"), default="8b")
     prep.add_argument("--adapters", type=int, default=256)
     prep.add_argument("--rank", type=int, default=16)
