@@ -169,6 +169,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def spread(report: dict, key: str) -> str:
+    parts = []
+    for server, label in (("loraplex", "loraplex"), ("vllm", "vLLM")):
+        values = [r[key] for r in report["runs"][server]]
+        parts.append(f"{label} {min(values):.1f}-{max(values):.1f}")
+    return ", ".join(parts)
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, settings = report["summary"], report["settings"]
     lines = [
@@ -190,6 +198,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"| TTFT p99 (ms) | {s['ttft_p99_ms']['loraplex']:.1f} | {s['ttft_p99_ms']['vllm']:.1f} | "
         f"{s['ttft_p99_ms']['ratio']:.3f} |",
         "",
+        f"Spread over rounds: output tokens/s {spread(report, 'output_tok_per_s')}; TTFT p50 (ms) "
+        f"{spread(report, 'ttft_p50_ms')}.",
         f"Targets: throughput ratio >= 0.95, TTFT p50 within 5 ms. {report['caveat']}",
         f"Raw runs: `{report['json']}`.",
         SECTION_END,
