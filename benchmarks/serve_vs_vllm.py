@@ -98,11 +98,16 @@ async def run_load(url: str, models: list[str], args) -> dict:
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(job) for job in jobs))
         wall = time.perf_counter() - start
+        # One request at a time, 1 token each: TTFT is then a short prefill plus the server's own overhead,
+        # which the mixed load above buries under queueing.
+        idle = [await one_request(client, url, models[i % len(models)], PROMPTS[i % len(PROMPTS)], 1)
+                for i in range(args.idle_requests)]
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return {"output_tokens": tokens, "wall_s": wall, "output_tok_per_s": tokens / wall,
             "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
+            "idle_ttft_p50_ms": 1000 * statistics.median(r["ttft"] for r in idle),
             "requests": len(results)}
 
 
@@ -127,7 +132,8 @@ def measure(name: str, cmd: list[str], port: int, models: list[str], args) -> di
         result = asyncio.run(run_load(url, models, args))
         result["load_avg_1m"] = os.getloadavg()[0]
         print(f"{name:9s} {result['output_tok_per_s']:7.1f} tok/s  TTFT p50 {result['ttft_p50_ms']:7.1f} ms  "
-              f"p99 {result['ttft_p99_ms']:7.1f} ms  (load {result['load_avg_1m']:.1f})", flush=True)
+              f"p99 {result['ttft_p99_ms']:7.1f} ms  one-at-a-time TTFT p50 {result['idle_ttft_p50_ms']:6.1f} ms  "
+              f"(load {result['load_avg_1m']:.1f})", flush=True)
         return result
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -162,10 +168,11 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         return statistics.mean(r[key] for r in runs[server])
 
     out = {}
-    for key in ("output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms"):
+    for key in ("output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "idle_ttft_p50_ms"):
         out[key] = {"loraplex": mean("loraplex", key), "vllm": mean("vllm", key),
                     "ratio": mean("loraplex", key) / mean("vllm", key)}
     out["ttft_p50_diff_ms"] = out["ttft_p50_ms"]["loraplex"] - out["ttft_p50_ms"]["vllm"]
+    out["idle_ttft_p50_diff_ms"] = out["idle_ttft_p50_ms"]["loraplex"] - out["idle_ttft_p50_ms"]["vllm"]
     return out
 
 
@@ -184,7 +191,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"`benchmarks/serve_vs_vllm.py`, {report['date']}, {report['machine']}, vLLM {report['vllm_version']}. "
         f"{settings['requests']} streaming chat requests round-robin over the base model and "
         f"{settings['adapters']} adapters, concurrency {settings['concurrency']}, {settings['max_tokens']} tokens "
-        f"each (temperature 0, ignore_eos), same engine settings for both (max_loras {settings['max_loras']}, "
+        f"each (temperature 0, ignore_eos), then {settings['idle_requests']} one-token requests one at a time; "
+        f"same engine settings for both (max_loras {settings['max_loras']}, "
         f"max_lora_rank {settings['max_lora_rank']}, max_num_seqs {settings['max_num_seqs']}, dtype "
         f"{settings['dtype']}); servers run one at a time, {settings['rounds']} round(s) each, alternating; "
         "means over rounds.",
@@ -197,9 +205,12 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{s['ttft_p50_ms']['ratio']:.3f} ({s['ttft_p50_diff_ms']:+.1f} ms) |",
         f"| TTFT p99 (ms) | {s['ttft_p99_ms']['loraplex']:.1f} | {s['ttft_p99_ms']['vllm']:.1f} | "
         f"{s['ttft_p99_ms']['ratio']:.3f} |",
+        f"| TTFT p50, one request at a time (ms) | {s['idle_ttft_p50_ms']['loraplex']:.1f} | "
+        f"{s['idle_ttft_p50_ms']['vllm']:.1f} | {s['idle_ttft_p50_ms']['ratio']:.3f} "
+        f"({s['idle_ttft_p50_diff_ms']:+.1f} ms) |",
         "",
         f"Spread over rounds: output tokens/s {spread(report, 'output_tok_per_s')}; TTFT p50 (ms) "
-        f"{spread(report, 'ttft_p50_ms')}.",
+        f"{spread(report, 'ttft_p50_ms')}; one-at-a-time TTFT p50 (ms) {spread(report, 'idle_ttft_p50_ms')}.",
         f"Targets: throughput ratio >= 0.95, TTFT p50 within 5 ms. {report['caveat']}",
         f"Raw runs: `{report['json']}`.",
         SECTION_END,
@@ -225,6 +236,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="runs per server, alternating")
+    parser.add_argument("--idle-requests", type=int, default=32,
+                        help="sequential 1-token requests after the load, for the server's own TTFT overhead")
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-lora-rank", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=16)
@@ -265,8 +278,9 @@ def main() -> None:
     report = {
         "date": date, "vllm_version": vllm.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} CPU cores",
-        "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "rounds", "max_loras",
-                                                    "max_lora_rank", "max_num_seqs", "max_model_len", "dtype")}
+        "settings": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "rounds", "idle_requests",
+                                                    "max_loras", "max_lora_rank", "max_num_seqs", "max_model_len",
+                                                    "dtype")}
         | {"adapters": len(adapters), "base_model": served},
         "runs": runs, "summary": summarise(runs),
         "caveat": f"1-minute load average during the runs: {min(loads):.1f}-{max(loads):.1f} on a machine shared "
