@@ -248,8 +248,33 @@ class AdapterManager:
         self._install(version)
         return version
 
+    def _inside_roots(self, path: Path) -> bool:
+        roots = [self.adapters_dir.resolve(), *(Path(r).resolve() for r in self.allowed_roots)]
+        return any(path.is_relative_to(root) for root in roots)
+
+    def escape_problem(self, path: Path) -> str | None:
+        """Why `path` reaches outside the registry and the allowed roots through a symlink (of the directory
+        or of a file in it), if it does: a file dropped into the registry must not make the server read
+        anything else on the machine."""
+        for entry in (path, *sorted(p for p in path.iterdir())):
+            try:
+                real = entry.resolve(strict=True)
+            except (OSError, RuntimeError):
+                return f"{entry.name} is a broken or looping symlink"
+            if not self._inside_roots(real):
+                return (f"{entry} resolves to {real}, outside the adapter registry and the allowed roots "
+                        "(--allowed-adapter-root)")
+        return None
+
     def check(self, path: Path, name: str) -> AdapterInfo:
-        """read_adapter's checks, then the server's rank limit and the fit to the base model."""
+        """The symlink escape check, read_adapter's checks, then the server's rank limit and the fit to the
+        base model."""
+        try:
+            escape = self.escape_problem(path) if path.is_dir() else None  # read_adapter says what else is wrong
+        except OSError as e:
+            raise AdapterError(f"adapter {name!r}: cannot read {path}: {e}") from None
+        if escape is not None:
+            raise AdapterError(f"adapter {name!r} refused: {escape}")
         info = read_adapter(path, name)
         if info.rank > self.max_lora_rank:
             raise AdapterError(f"adapter {name!r} has rank {info.rank}, above this server's maximum LoRA rank "
@@ -325,9 +350,12 @@ class AdapterManager:
         if name in self.reserved_names:
             raise APIError(409, f"{name!r} is already the base model's or an alias's name", param="name",
                            code="name_taken")
-        path = Path(path_text).expanduser().resolve()
-        roots = [self.adapters_dir.resolve(), *(Path(r).resolve() for r in self.allowed_roots)]
-        if not any(path.is_relative_to(root) for root in roots):
+        try:
+            path = Path(path_text).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, an unknown ~user, a symlink loop
+            raise APIError(400, f"path {path_text!r} is not a usable path: {e}", param="path",
+                           code="invalid_value") from None
+        if not self._inside_roots(path):
             raise APIError(400, f"path {path_text!r} is outside the adapter registry and the allowed roots; "
                                 "start the server with --allowed-adapter-root to allow it",
                            param="path", code="path_not_allowed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hmac
 import json
 import logging
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.errors import LoraplexError
 from loraplex.serve.config import ServeConfig
 from loraplex.serve.errors import APIError, error_response, model_not_found
 from loraplex.serve.protocol import ChatCompletionRequest, CompletionRequest, RegisterAdapterRequest, dump
@@ -24,6 +26,11 @@ from loraplex.serve.serving import Serving, engine_unavailable
 
 log = logging.getLogger("loraplex.serve")
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+ENGINE_CHECK_INTERVAL_S = 0.5
+# After the engine dies the server keeps answering (503, /ready red) this long, so load balancers see why, then
+# exits non-zero so that its supervisor (Kubernetes, systemd, Docker) restarts it: a dead engine does not recover.
+ENGINE_DEAD_EXIT_AFTER_S = 5.0
 
 
 # ---------------------------------------------------------------- authentication
@@ -33,12 +40,18 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _matches(token: str, keys: list[str]) -> bool:
-    # Compare with every key in constant time, so timing tells nothing about which key (or prefix) was close.
-    found = False
+def _matching(token: str, keys: list[str]) -> str | None:
+    """The key equal to `token`, if any. Every key is compared in constant time and the loop never stops
+    early, so timing tells nothing about which key (or prefix) was close."""
+    found = None
     for key in keys:
-        found |= hmac.compare_digest(token.encode(), key.encode())
+        if hmac.compare_digest(token.encode(), key.encode()):
+            found = key
     return found
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    return _matching(token, keys) is not None
 
 
 def _unauthorized(message: str) -> APIError:
@@ -46,20 +59,37 @@ def _unauthorized(message: str) -> APIError:
 
 
 def require_api_key(request: Request) -> None:
+    """Checks the bearer key and records which models it may use in `request.state.models` (None: all)."""
     config: ServeConfig = request.app.state.serving.config
-    if not config.api_keys:
+    request.state.models = None
+    if not config.any_keys():
         return
     token = _bearer(request)
     if token is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not _matches(token, config.api_keys + ([config.admin_key] if config.admin_key else [])):
+    key = _matching(token, [*config.api_keys, *config.scoped_keys, *([config.admin_key] if config.admin_key else [])])
+    if key is None:
         raise _unauthorized("invalid API key")
+    if key in config.scoped_keys and key not in config.api_keys and key != config.admin_key:
+        request.state.models = config.scoped_keys[key]
+
+
+def may_use(request: Request, model: str) -> bool:
+    """Whether the request's key may see and use `model` (a served name: base, adapter or alias)."""
+    patterns = getattr(request.state, "models", None)
+    return patterns is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def require_model_access(request: Request, model: str) -> None:
+    # The same 404 as for a model that does not exist: a key learns nothing about models it may not use.
+    if not may_use(request, model):
+        raise model_not_found(model)
 
 
 def require_admin(request: Request) -> None:
     config: ServeConfig = request.app.state.serving.config
     if config.admin_key is None:
-        if config.api_keys:
+        if config.any_keys():
             raise APIError(403, "adapter administration is disabled: the server has API keys but no --admin-key",
                            code="admin_disabled")
         return
@@ -67,7 +97,7 @@ def require_admin(request: Request) -> None:
     if token is None:
         raise _unauthorized("missing admin key: send 'Authorization: Bearer <admin key>'")
     if not _matches(token, [config.admin_key]):
-        if _matches(token, config.api_keys):
+        if _matches(token, [*config.api_keys, *config.scoped_keys]):
             raise APIError(403, "this route needs the admin key", code="admin_key_required")
         raise _unauthorized("invalid admin key")
 
@@ -164,6 +194,9 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     code = "not_found" if exc.status_code == 404 else None
+    if exc.status_code == 400 and message == _FASTAPI_BODY_ERROR:
+        # FastAPI's answer for a body json.loads could not take (not UTF-8, nested past the recursion limit).
+        message, code = "request body is not valid JSON: not UTF-8 text, or nested too deeply", "invalid_json"
     return _counted(request, APIError(exc.status_code, message, code=code))
 
 
@@ -202,7 +235,8 @@ async def until_disconnect(request: Request, work):
 # ---------------------------------------------------------------- routes
 
 def create_app(serving: Serving) -> FastAPI:
-    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI schema documents the routes and request bodies (clients, fuzzers); it holds no model names.
+    app = FastAPI(title="loraplex", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.serving = serving
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -229,28 +263,33 @@ def create_app(serving: Serving) -> FastAPI:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=api)
-    async def list_models():
-        return dump(await serving.model_list())
+    async def list_models(request: Request):
+        models = await serving.model_list()
+        models.data = [card for card in models.data if may_use(request, card.id)]
+        return dump(models)
 
     @app.get("/v1/models/{model:path}", dependencies=api)
-    async def get_model(model: str):
+    async def get_model(model: str, request: Request):
         for card in (await serving.model_list()).data:
-            if card.id == model:
+            if card.id == model and may_use(request, model):
                 return dump(card)
         raise model_not_found(model)
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        require_model_access(request, body.model)
         return await until_disconnect(request, serving.chat(body, request))
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(body: CompletionRequest, request: Request):
+        require_model_access(request, body.model)
         return await until_disconnect(request, serving.completion(body, request))
 
     @app.get("/v1/adapters", dependencies=api)
-    async def list_adapters():
+    async def list_adapters(request: Request):
         await serving.adapters.scan()
-        return {"object": "list", "data": serving.adapters.describe()}
+        rows = [row for row in serving.adapters.describe() if may_use(request, row["name"])]
+        return {"object": "list", "data": rows}
 
     @app.post("/v1/adapters", dependencies=admin)
     async def register_adapter(body: RegisterAdapterRequest):
@@ -285,6 +324,17 @@ async def _rescan_forever(serving: Serving, interval: float) -> None:
             log.warning("registry scan failed: %s", e)
 
 
+async def _exit_when_engine_dies(serving: Serving, server) -> None:
+    from loraplex.serve.engine import engine_errored
+
+    while not engine_errored(serving.engine):
+        await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+    log.error("the inference engine has died; answering 503 for %.0f s, then exiting for a restart",
+              ENGINE_DEAD_EXIT_AFTER_S)
+    await asyncio.sleep(ENGINE_DEAD_EXIT_AFTER_S)
+    server.should_exit = True
+
+
 def _mtime(path: Path | None) -> int | None:
     try:
         return path.stat().st_mtime_ns if path else None
@@ -308,7 +358,7 @@ async def run(config: ServeConfig) -> None:
                        max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks())
     tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras)
-    scanner = None
+    scanner = watchdog = None
     try:
         adapters = AdapterManager(config.adapters_dir, engine, base_module_shapes(config.model_path),
                                   loras.max_lora_rank, allowed_roots=config.allowed_adapter_roots)
@@ -328,9 +378,14 @@ async def run(config: ServeConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.handle_exit, sig, None)
+        watchdog = asyncio.create_task(_exit_when_engine_dies(serving, server))
         await server.serve()
     finally:
-        if scanner is not None:
-            scanner.cancel()
+        for task in (scanner, watchdog):
+            if task is not None:
+                task.cancel()
         log.info("stopping the engine")
         engine.shutdown()
+    if eng.engine_errored(engine):
+        raise LoraplexError("the inference engine died, so the server stopped",
+                            hint="its error is in the log above; restart the server (a supervisor does this)")

@@ -36,6 +36,10 @@ def serve(
     api_key: Annotated[Optional[list[str]], typer.Option(
         help="Accepted bearer key for /v1 routes (repeatable; a comma-separated list also works, as in "
         "LORAPLEX_API_KEYS). Without any, /v1 is open.", envvar="LORAPLEX_API_KEYS")] = None,
+    api_keys_file: Annotated[Optional[Path], typer.Option(
+        help="YAML file of bearer keys limited to some models: KEY: [model or glob pattern, ...]. Other models "
+        "are invisible to such a key (404). Keeps keys off the command line.", envvar="LORAPLEX_API_KEYS_FILE")]
+    = None,
     admin_key: Annotated[Optional[str], typer.Option(
         help="Bearer key for POST/DELETE /v1/adapters. With --api-key but no --admin-key those routes are off.",
         envvar="LORAPLEX_ADMIN_KEY")] = None,
@@ -82,7 +86,7 @@ def serve(
     import asyncio
 
     from loraplex.models import resolve_base_model, served_name
-    from loraplex.serve.config import ServeConfig
+    from loraplex.serve.config import ServeConfig, load_api_keys_file
     from loraplex.serve.managed import listen_address
 
     host, port = listen_address(platform, host, port)
@@ -91,7 +95,8 @@ def serve(
     config = ServeConfig(
         base_model=base_model, model_path=resolve_base_model(base_model), served_name=served_name(base_model),
         adapters_dir=(adapters_dir or default_adapters_dir()).expanduser(), host=host, port=port,
-        api_keys=api_keys, admin_key=admin_key,
+        api_keys=api_keys, scoped_keys=load_api_keys_file(api_keys_file) if api_keys_file else {},
+        admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,

@@ -22,6 +22,8 @@ class ServeConfig:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
     """Bearer keys accepted on every /v1 route (`--api-key`, repeatable). None: no authentication."""
+    scoped_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Bearer keys limited to some models: key -> model names or glob patterns (`--api-keys-file`)."""
     admin_key: str | None = None
     """Bearer key for POST/DELETE /v1/adapters (`--admin-key`); also valid on every other route."""
     allowed_adapter_roots: list[Path] = field(default_factory=list)
@@ -69,7 +71,7 @@ class ServeConfig:
         out = []
         if not 0 < self.port < 65536:
             out.append(f"--port {self.port} must be between 1 and 65535")
-        for key in [*self.api_keys, *([self.admin_key] if self.admin_key is not None else [])]:
+        for key in [*self.api_keys, *self.scoped_keys, *([self.admin_key] if self.admin_key is not None else [])]:
             if len(key) < 8 or any(c.isspace() for c in key):
                 out.append("--api-key/--admin-key values need at least 8 characters and no whitespace")
                 break
@@ -104,9 +106,41 @@ class ServeConfig:
                 if not root.is_dir()]
         return out
 
+    def any_keys(self) -> bool:
+        """Whether /v1 needs a key at all."""
+        return bool(self.api_keys or self.scoped_keys)
+
     def check(self) -> "ServeConfig":
         problems = self.problems()
         if problems:
             raise LoraplexError("invalid serve settings:\n  - " + "\n  - ".join(problems),
                                 hint="change the flags named above (loraplex serve --help)")
         return self
+
+
+def load_api_keys_file(path: Path) -> dict[str, tuple[str, ...]]:
+    """`--api-keys-file`: a YAML mapping of bearer key -> the models it may use, each a served name (base model,
+    adapter or alias) or a glob pattern (`support-*`); `"*"` alone allows every model. Every problem is listed
+    at once, by key position rather than by key, so that no key ends up in an error message or a log."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise LoraplexError(f"cannot read --api-keys-file {path}: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise LoraplexError(f"--api-keys-file {path}: must be a non-empty mapping of key -> list of models",
+                            hint='write e.g.  "team-a-key-123": [support-v1, support-bot]')
+    problems, keys = [], {}
+    for position, (key, models) in enumerate(data.items(), start=1):
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(key, str):
+            problems.append(f"entry {position}: the key must be a string (quote it)")
+        elif not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+            problems.append(f"entry {position}: needs a non-empty list of model names or patterns")
+        else:
+            keys[key] = tuple(models)
+    if problems:
+        raise LoraplexError(f"--api-keys-file {path}: " + "; ".join(problems))
+    return keys

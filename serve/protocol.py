@@ -22,9 +22,32 @@ UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "tools", "functions", "suffix"
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        # JSON may escape lone UTF-16 surrogates ("\ud800"); Python keeps them in str, and they then fail deep
+        # inside the tokenizer or when an error message naming them is encoded. Refuse them here, once.
+        if _has_lone_surrogate(data):
+            raise ValueError("text must be valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
+        return data
+
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def new_id(prefix: str) -> str:

@@ -451,7 +451,9 @@ def test_trained_adapters_answer_as_trained(client, trained):
 
 # ---------------------------------------------------------------- engine failure (last: it breaks the server)
 
-def test_engine_death_turns_ready_red_and_requests_503(server, http):
+def test_engine_death_turns_ready_red_and_requests_503_then_exits(server, http):
+    from live_server import _PROCS
+
     children = psutil.Process(server_pid(server)).children(recursive=True)
     assert children, "the engine core runs in a child process"
     for child in children:
@@ -459,4 +461,9 @@ def test_engine_death_turns_ready_red_and_requests_503(server, http):
     assert wait_until(lambda: http.get("/ready").status_code == 503)
     assert_error(http.get("/ready"), 503, "engine_unavailable")
     assert_error(post_chat(http), 503, "engine_unavailable")
-    assert http.get("/health").status_code == 200
+    # A dead engine does not come back: the server exits non-zero so that its supervisor restarts it
+    # (/health, the liveness probe, answers while the process runs).
+    process = _PROCS[server]
+    assert wait_until(lambda: process.poll() is not None, timeout=120), "the server kept running without an engine"
+    assert process.returncode != 0
+    assert "the inference engine died" in server_log(server)

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated, Callable, Sequence
 
 import typer
 
@@ -96,6 +96,37 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
                 and p.name.split("-")[-1].isdigit()]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _is_disk_error(error: BaseException) -> bool:
+    # safetensors reports write failures (a full disk: "No space left on device (os error 28)") as its own
+    # SafetensorError, not as OSError.
+    return isinstance(error, OSError) or "I/O error" in str(error) or "os error" in str(error)
+
+
+def publish_adapter(adapters_dir: Path, name: str, save: Callable[[Path], None], meta: dict, run_dir: Path) -> Path:
+    """Write the adapter with `save(directory)` into a hidden staging directory of the registry, check that the
+    server could load it, and rename it into place. On any failure (a full disk among them) the staging
+    directory is removed and the registry is left exactly as it was."""
+    remove_stale_staging(adapters_dir)
+    staged = None
+    try:
+        staged = staging_dir(adapters_dir, name)
+        save(staged)
+        (staged / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str))
+        read_adapter(staged, name=name)  # refuse to publish anything the server could not load
+        return publish(staged, adapters_dir, name)
+    except BaseException as e:
+        import shutil
+
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(e, Exception) and _is_disk_error(e):
+            raise LoraplexError(
+                f"could not write adapter {name!r} into {adapters_dir}: {e}; the registry is unchanged",
+                hint=f"free space there (or pass --adapters-dir), then rerun with --resume: the training "
+                f"checkpoints in {run_dir} are kept") from None
+        raise
 
 
 def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence = ()) -> Path:
@@ -213,40 +244,29 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     # ---------------- save: stage in a hidden directory of the registry, then one atomic rename
-    remove_stale_staging(adapters_dir)
-    staged = staging_dir(adapters_dir, config.name)
-    try:
-        trainer.model.save_pretrained(staged)
-        meta = {
-            "name": config.name,
-            "base_model": config.base_model,
-            "base_model_path": str(base_path),
-            "data_file": str(train_path),
-            "data_sha256": _sha256(train_path),
-            "val_file": str(val_path) if val_path else None,
-            "config": config.model_dump(),
-            "device": device,
-            "precision": precision,
-            "optimizer": optimizer,
-            # read back from the loaded model, not the config: proves the base really trained in 4-bit
-            "base_quantization": f"bitsandbytes-4bit-{config.bnb_4bit_quant_type}" if loaded_in_4bit else None,
-            "global_step": trainer.state.global_step,
-            "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
-            "first_train_loss": train_losses[0] if train_losses else None,
-            "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
-            "mean_train_loss": result.training_loss,
-            "final_val_loss": final_val_loss,
-            "train_seconds": round(time.time() - started, 1),
-            "created": time.time(),
-        }
-        (staged / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str))
-        read_adapter(staged, name=config.name)  # refuse to publish anything the server could not load
-        final = publish(staged, adapters_dir, config.name)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    meta = {
+        "name": config.name,
+        "base_model": config.base_model,
+        "base_model_path": str(base_path),
+        "data_file": str(train_path),
+        "data_sha256": _sha256(train_path),
+        "val_file": str(val_path) if val_path else None,
+        "config": config.model_dump(),
+        "device": device,
+        "precision": precision,
+        "optimizer": optimizer,
+        # read back from the loaded model, not the config: proves the base really trained in 4-bit
+        "base_quantization": f"bitsandbytes-4bit-{config.bnb_4bit_quant_type}" if loaded_in_4bit else None,
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "final_val_loss": final_val_loss,
+        "train_seconds": round(time.time() - started, 1),
+        "created": time.time(),
+    }
+    final = publish_adapter(adapters_dir, config.name, trainer.model.save_pretrained, meta, run_dir)
     log(f"adapter {config.name!r} written to {final} (train loss {meta['first_train_loss']} -> "
         f"{meta['final_train_loss']}, val loss {final_val_loss})")
     return final
