@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -259,8 +260,8 @@ def main() -> None:
         adapters = prepare_adapters(args, model_path, workdir)
         registry = workdir / "registry"
         registry.mkdir()
-        for name, path in adapters.items():
-            os.symlink(path, registry / name)
+        for name, path in adapters.items():  # copies: the server refuses registry links that lead elsewhere
+            shutil.copytree(path, registry / name)
         models = [served, *adapters]
         runs: dict[str, list[dict]] = {"loraplex": [], "vllm": []}
         for round_ in range(args.rounds):
