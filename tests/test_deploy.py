@@ -350,7 +350,7 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
     env = {"LORAPLEX_BASE_MODEL": str(base), "LORAPLEX_ADAPTERS_DIR": str(tmp_path), "LORAPLEX_PORT": "0",
            "LORAPLEX_MAX_QUEUE": "0", "LORAPLEX_TENSOR_PARALLEL_SIZE": "0", "LORAPLEX_PIPELINE_PARALLEL_SIZE": "0",
            "LORAPLEX_DISTRIBUTED_EXECUTOR_BACKEND": "nccl", "LORAPLEX_PLATFORM": "azure",
-           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "short,long-enough-key"}
+           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "sh0rt,long-enough-key"}
     # SageMaker starts the image with `serve`; it is dropped. Every setting reaches its flag: the server refuses
     # to start and names each one.
     result = run_entrypoint(env, "serve")
@@ -359,7 +359,7 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
                      "--distributed-executor-backend nccl must be mp or ray", "--platform azure must be",
                      "missing.yaml: no such file", "--api-key/--admin-key values need at least 8 characters"):
         assert expected in result.stderr
-    assert "short" not in result.stderr  # the key itself is never echoed
+    assert "sh0rt" not in result.stderr  # the key itself is never echoed
 
 
 def test_entrypoint_accepts_every_setting_it_maps():
@@ -468,15 +468,30 @@ def _chat(model: str, question: str = "What is the capital of France?", **fields
 
 
 SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "1024", "--api-key", API_KEY)
+VERTEX_ENV = {"AIP_HEALTH_ROUTE": "/v1/endpoints/42/deployedModels/7",
+              "AIP_PREDICT_ROUTE": "/v1/endpoints/42/deployedModels/7:predict"}
+
+
+# Class-scoped: each server stops when its class is done, so the two never run at once.
+@pytest.fixture(scope="class")
+def sagemaker_server(base_model_dir, trained_registry):
+    with running_server(base_model_dir, trained_registry, *SERVER_ARGS, "--platform", "sagemaker",
+                        ready_timeout=600) as url:
+        yield url
+
+
+@pytest.fixture(scope="class")
+def vertex_server(base_model_dir, trained_registry):
+    with running_server(base_model_dir, trained_registry, *SERVER_ARGS, "--platform", "vertex", env=VERTEX_ENV,
+                        ready_timeout=600) as url:
+        yield url
 
 
 @pytest.mark.integration
 class TestSageMaker:
-    @pytest.fixture(scope="class")
-    def server(self, base_model_dir, trained_registry):
-        with running_server(base_model_dir, trained_registry, *SERVER_ARGS, "--platform", "sagemaker",
-                            ready_timeout=600) as url:
-            yield url
+    @pytest.fixture
+    def server(self, sagemaker_server):
+        return sagemaker_server
 
     def test_ping_and_docker_healthcheck(self, server):
         assert httpx.get(server + "/ping").status_code == 200
@@ -521,17 +536,11 @@ class TestSageMaker:
         assert "Meow" in reply.choices[0].message.content
 
 
-VERTEX_ENV = {"AIP_HEALTH_ROUTE": "/v1/endpoints/42/deployedModels/7",
-              "AIP_PREDICT_ROUTE": "/v1/endpoints/42/deployedModels/7:predict"}
-
-
 @pytest.mark.integration
 class TestVertex:
-    @pytest.fixture(scope="class")
-    def server(self, base_model_dir, trained_registry):
-        with running_server(base_model_dir, trained_registry, *SERVER_ARGS, "--platform", "vertex",
-                            env=VERTEX_ENV, ready_timeout=600) as url:
-            yield url
+    @pytest.fixture
+    def server(self, vertex_server):
+        return vertex_server
 
     def test_health_route(self, server):
         assert httpx.get(server + VERTEX_ENV["AIP_HEALTH_ROUTE"]).status_code == 200
