@@ -13,7 +13,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 SITE=${SITE:-/tmp/site} WORK=${WORK:-/tmp/bench}
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+# PYTHONSAFEPATH: `python -m loraplex` must not import this tree's loraplex/ (which lacks serve/, train/...)
+export PYTHONSAFEPATH=1 PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false LORAPLEX_HOME=$WORK/home BENCH_SERVER_PIDS=$WORK/server.pids
 MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters
 STARTED=$(date +%s)

@@ -85,13 +85,22 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
-def test_speed_options_default_off_and_liger_needs_its_package(monkeypatch):
-    config = load_config(None, name="a", data="d")
-    assert not config.packing and not config.use_liger_kernel
-    assert load_config(None, name="a", data="d", packing=True).packing
+def test_speed_options_and_liger_on_gpu_only_where_installed(monkeypatch):
     import importlib.util
 
+    from loraplex.train.trainer import use_liger_kernel
+
+    config = load_config(None, name="a", data="d")
+    assert not config.packing and config.use_liger_kernel == "auto"
+    assert load_config(None, name="a", data="d", packing=True).packing
+    assert not use_liger_kernel(load_config(None, name="a", data="d", use_liger_kernel=False), "cuda")
+
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
-    with pytest.raises(LoraplexError, match="liger-kernel"):
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (real_find_spec("json") if installed else None) if name == "liger_kernel"
+                            else real_find_spec(name, *a))
+        assert use_liger_kernel(config, "cuda") is installed
+        assert not use_liger_kernel(config, "cpu")  # Triton kernels: never on CPU
+    with pytest.raises(LoraplexError, match="liger-kernel"):  # asked for explicitly, but not installed
         load_config(None, name="a", data="d", use_liger_kernel=True)

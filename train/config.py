@@ -79,9 +79,9 @@ class TrainConfig(BaseModel):
         False, description="Pack rows into sequences of max_seq_length tokens with no padding (TRL best-fit "
         "packing; each row attends only to itself). More rows per step, so fewer optimizer steps per epoch."
     )
-    use_liger_kernel: bool = Field(
-        False, description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; needs the liger-kernel "
-        "package)."
+    use_liger_kernel: bool | Literal["auto"] = Field(
+        "auto", description="Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only, liger-kernel package); "
+        "'auto': on for GPU when the package is installed (1.17x tokens/s on an H200, BENCHMARKS.md)."
     )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto", description="'auto': paged 8-bit AdamW on GPU, plain AdamW on CPU (bitsandbytes has no paged CPU "
@@ -162,7 +162,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         problems.append(f"`name`: {e}; {_where('name', source)}")
     for problem in lora_config_problems(config.lora_config_dict()):
         problems.append(f"{problem}; change it in {source} so the adapter stays servable")
-    if config.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+    if config.use_liger_kernel is True and importlib.util.find_spec("liger_kernel") is None:
         problems.append(f"`use_liger_kernel` needs the liger-kernel package (pip install liger-kernel) or set it to "
                         f"false in {source}")
     if config.early_stopping_patience is not None and not _has_validation(config):

@@ -91,6 +91,17 @@ def choose_optimizer(config: TrainConfig, device: str) -> str:
     return "adamw_torch"
 
 
+def use_liger_kernel(config: TrainConfig, device: str) -> bool:
+    """Liger's kernels are Triton kernels: GPU only; 'auto' takes them where the package is installed."""
+    import importlib.util
+
+    if device != "cuda":
+        return False
+    if config.use_liger_kernel == "auto":
+        return importlib.util.find_spec("liger_kernel") is not None
+    return config.use_liger_kernel
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that was written completely (trainer_state.json is saved last)."""
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
@@ -209,7 +220,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",  # was group_by_length
         max_length=config.max_seq_length,
         packing=config.packing,
-        use_liger_kernel=config.use_liger_kernel and device == "cuda",  # Triton kernels: GPU only
+        use_liger_kernel=use_liger_kernel(config, device),
         optim=optimizer,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
