@@ -212,7 +212,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"Spread over rounds: output tokens/s {spread(report, 'output_tok_per_s')}; TTFT p50 (ms) "
         f"{spread(report, 'ttft_p50_ms')}; one-at-a-time TTFT p50 (ms) {spread(report, 'idle_ttft_p50_ms')}.",
-        f"Targets: throughput ratio >= 0.95, TTFT p50 within 5 ms. {report['caveat']}",
+        f"Targets: throughput ratio >= 0.95, TTFT p50 within 5 ms. {report['caveat']}"
+        + (f" {report['note']}" if report.get("note") else ""),
         f"Raw runs: `{report['json']}`.",
         SECTION_END,
     ]
@@ -245,6 +246,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gb", type=float, default=1.0)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--note", default="", help="sentence added to the BENCHMARKS.md section")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
@@ -287,6 +289,7 @@ def main() -> None:
         "caveat": f"1-minute load average during the runs: {min(loads):.1f}-{max(loads):.1f} on a machine shared "
                   "with other jobs, so single runs are noisy.",
         "json": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+        "note": args.note,
     }
     out.write_text(json.dumps(report, indent=2))
     write_markdown(report, Path(args.markdown))
