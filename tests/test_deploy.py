@@ -30,7 +30,7 @@ ENTRYPOINT = DEPLOY / "entrypoint.sh"
 # The oldest Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest the schemas know.
 KUBE_VERSIONS = ("1.25.0", "1.37.0")
 # Variables loraplex reads itself rather than through the entrypoint's flags.
-READ_BY_LORAPLEX = {"LORAPLEX_HOME", "LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEY"}
+READ_BY_LORAPLEX = {"LORAPLEX_HOME", "LORAPLEX_API_KEYS", "LORAPLEX_API_KEYS_FILE", "LORAPLEX_ADMIN_KEY"}
 API_KEY = "deploy-test-key"
 
 EVERYTHING = {
@@ -38,7 +38,8 @@ EVERYTHING = {
     "serve": {"tensorParallelSize": 2, "pipelineParallelSize": 2, "distributedExecutorBackend": "ray",
               "maxQueue": 1048576, "gpuMemoryUtilization": 0.85, "extraEnv": {"LORAPLEX_ENFORCE_EAGER": "1"}},
     "resources": {"limits": {"nvidia.com/gpu": 4}},
-    "apiKeys": {"keys": ["key-one-1234", "key-two-5678"], "adminKey": "admin-key-9012"},
+    "apiKeys": {"keys": ["key-one-1234", "key-two-5678"], "adminKey": "admin-key-9012",
+                "scoped": {"team-a-key-3456": ["support-v1", "support-*"], "analytics-key-7890": ["*"]}},
     "aliases": {"support-bot": {"support-v1": 0.9, "support-v2": 0.1}},
     "autoscaling": {"enabled": True, "maxReplicas": 6},
     "metrics": {"serviceMonitor": {"enabled": True}},
@@ -171,15 +172,43 @@ def test_chart_api_keys_come_from_a_secret_only():
     for name, key in (("LORAPLEX_API_KEYS", "api-keys"), ("LORAPLEX_ADMIN_KEY", "admin-key")):
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": key,
                                                          "optional": True}
-    assert secret["stringData"] == {"api-keys": "key-one-1234,key-two-5678", "admin-key": "admin-key-9012"}
+    assert secret["stringData"]["api-keys"] == "key-one-1234,key-two-5678"
+    assert secret["stringData"]["admin-key"] == "admin-key-9012"
     # Nowhere else: not in args, env values, annotations or any other manifest.
     others = json.dumps([m for m in manifests if m["kind"] != "Secret"])
-    for key in ("key-one-1234", "key-two-5678", "admin-key-9012"):
+    for key in ("key-one-1234", "key-two-5678", "admin-key-9012", "team-a-key-3456"):
         assert key not in others
 
     existing = server_container(render(S3_SIDECAR))
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in existing["env"] if "valueFrom" in e}
     assert refs == {"LORAPLEX_API_KEYS": "loraplex-keys", "LORAPLEX_ADMIN_KEY": "loraplex-keys"}
+
+
+def test_chart_scoped_keys_are_a_valid_keys_file_mounted_from_the_secret(tmp_path):
+    from loraplex.serve.config import load_api_keys_file
+
+    manifests = render(EVERYTHING)
+    container = server_container(manifests)
+    keys_path = Path(next(e["value"] for e in container["env"] if e["name"] == "LORAPLEX_API_KEYS_FILE"))
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert keys_path.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    pod = one(manifests, "Deployment", "demo-loraplex")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
+    secret = one(manifests, "Secret")
+    assert volume["secretName"] == secret["metadata"]["name"]
+    (item,) = volume["items"]
+    assert item["path"] == keys_path.name
+    file = tmp_path / keys_path.name
+    file.write_text(secret["stringData"][item["key"]])
+    assert load_api_keys_file(file) == {"team-a-key-3456": ("support-v1", "support-*"),
+                                        "analytics-key-7890": ("*",)}  # the server's own parser
+    # an existing Secret holds the file only when it says so
+    plain = server_container(render(S3_SIDECAR))
+    assert "LORAPLEX_API_KEYS_FILE" not in {e["name"] for e in plain["env"]}
+    scoped = render({"apiKeys": {"existingSecret": "loraplex-keys", "scopedKeysInSecret": True}})
+    pod = one(scoped, "Deployment")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == "loraplex-keys"
+    assert not [m for m in scoped if m["kind"] == "Secret"]
 
 
 def test_chart_aliases_configmap_is_a_valid_aliases_file(tmp_path):
@@ -338,9 +367,9 @@ def test_entrypoint_flags_are_real_serve_flags():
     # every value option is reachable from the environment; keys only through loraplex's own variables
     covered = {f"--{f}" for f in entrypoint_flags("VALUE_FLAGS") + entrypoint_flags("SWITCH_FLAGS")}
     by_env = {flag for flag, o in options.items() if o.envvar}
-    assert by_env == {"--api-key", "--admin-key"}
+    assert by_env == {"--api-key", "--api-keys-file", "--admin-key"}
     assert set(options) - {"--help"} == covered | by_env
-    assert {options["--api-key"].envvar, options["--admin-key"].envvar} == {"LORAPLEX_API_KEYS", "LORAPLEX_ADMIN_KEY"}
+    assert {options[flag].envvar for flag in by_env} == READ_BY_LORAPLEX - {"LORAPLEX_HOME"}
 
 
 def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):

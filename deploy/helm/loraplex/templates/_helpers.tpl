@@ -24,8 +24,17 @@ app.kubernetes.io/component: server
 {{- define "loraplex.keysSecret" -}}
 {{- if .Values.apiKeys.existingSecret -}}
 {{- .Values.apiKeys.existingSecret -}}
-{{- else if or .Values.apiKeys.keys .Values.apiKeys.adminKey -}}
+{{- else if or .Values.apiKeys.keys .Values.apiKeys.adminKey .Values.apiKeys.scoped -}}
 {{- printf "%s-keys" (include "loraplex.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the keys Secret holds a keys file for --api-keys-file. */}}
+{{- define "loraplex.scopedKeys" -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- if .Values.apiKeys.scopedKeysInSecret }}true{{ end -}}
+{{- else if .Values.apiKeys.scoped -}}
+true
 {{- end -}}
 {{- end -}}
 
