@@ -37,8 +37,9 @@ def serve(
         help="Accepted bearer key for /v1 routes (repeatable; a comma-separated list also works, as in "
         "LORAPLEX_API_KEYS). Without any, /v1 is open.", envvar="LORAPLEX_API_KEYS")] = None,
     api_keys_file: Annotated[Optional[Path], typer.Option(
-        help="YAML file of bearer keys limited to some models: KEY: [model or glob pattern, ...]. Other models "
-        "are invisible to such a key (404). Keeps keys off the command line.", envvar="LORAPLEX_API_KEYS_FILE")]
+        help="YAML file of bearer keys limited to some models: each key maps to a list of model names or glob "
+        "patterns. Other models are invisible to such a key (404). Keeps keys off the command line.",
+        envvar="LORAPLEX_API_KEYS_FILE")]
     = None,
     admin_key: Annotated[Optional[str], typer.Option(
         help="Bearer key for POST/DELETE /v1/adapters. With --api-key but no --admin-key those routes are off.",
