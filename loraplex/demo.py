@@ -52,16 +52,19 @@ def _wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: fl
     raise LoraplexError(f"the server was not ready after {timeout:.0f} s; see {log}")
 
 
-def _adapter_is_current(adapter_dir: Path, train_file: Path) -> bool:
+def _adapter_is_current(adapter_dir: Path, train_file: Path, config) -> bool:
+    """Trained on the same data with the same config: a re-run can reuse it."""
     from loraplex.models import sha256_file
 
-    meta = adapter_dir / "loraplex.json"
-    if not meta.is_file():
+    meta_file = adapter_dir / "loraplex.json"
+    if not meta_file.is_file():
         return False
-    return json.loads(meta.read_text()).get("data_sha256") == sha256_file(train_file)
+    meta = json.loads(meta_file.read_text())
+    same_config = meta.get("config") == json.loads(json.dumps(config.model_dump(), default=str))
+    return same_config and meta.get("data_sha256") == sha256_file(train_file)
 
 
-def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool) -> dict:
+def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool, max_steps: int | None = None) -> dict:
     from loraplex.eval.report import format_summary
     from loraplex.eval.runner import run_eval
     from loraplex.models import DEFAULT_MODEL, fetch_model, served_name
@@ -89,10 +92,10 @@ def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool) -> 
     adapters_dir = workdir / "adapters"
     config_file = resources.files("loraplex.train") / "configs" / "demo-docstrings.yaml"
     with resources.as_file(config_file) as path:
-        config = load_config(path, data=str(prepared), adapters_dir=str(adapters_dir))
+        config = load_config(path, data=str(prepared), adapters_dir=str(adapters_dir), max_steps=max_steps)
     config = config.model_copy(update={"runs_dir": str(workdir / "train")})
-    if not retrain and _adapter_is_current(adapters_dir / ADAPTER, prepared / "train.jsonl"):
-        print(f"reusing {adapters_dir / ADAPTER} (trained on the same data; pass --retrain to train again)")
+    if not retrain and _adapter_is_current(adapters_dir / ADAPTER, prepared / "train.jsonl", config):
+        print(f"reusing {adapters_dir / ADAPTER} (same data and config; pass --retrain to train again)")
     else:
         run_training(config)
 
@@ -132,6 +135,7 @@ def demo(
     eval_limit: Annotated[int, typer.Option(help="Held-out rows to evaluate (the CPU LoRA path is slow).")] = 120,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per answer.")] = 48,
     retrain: Annotated[bool, typer.Option(help="Train again even if a current adapter exists.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Training steps, instead of the demo config's (a quick look).")] = None,
 ) -> None:
     """Run the main job end to end on the embedded default model and print the report."""
-    run_demo(workdir, eval_limit, max_tokens, retrain)
+    run_demo(workdir, eval_limit, max_tokens, retrain, max_steps)
