@@ -251,7 +251,15 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
     # ---------------- train
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    final_val_loss = trainer.evaluate()["eval_loss"] if has_val else None
+    final_val_loss = None
+    if has_val:
+        # the trainer usually evaluated at the last step already; evaluating again costs minutes on CPU
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+        final = evals[-1] if evals and evals[-1].get("step") == trainer.state.global_step else None
+        if config.early_stopping_patience is not None and trainer.state.best_metric is not None:
+            final_val_loss = trainer.state.best_metric  # the best checkpoint is what was loaded and is saved
+        else:
+            final_val_loss = final["eval_loss"] if final else trainer.evaluate()["eval_loss"]
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     # ---------------- save: stage in a hidden directory of the registry, then one atomic rename
