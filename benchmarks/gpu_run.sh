@@ -7,6 +7,7 @@
 #   prepare         make the random 8B model and 256 + 8 adapters (the tokenizer is added once unpacked)
 #   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
+#   serve-slots     loraplex with --max-loras ${SLOTS:-256} alone (the second half of serve-compare)
 #   train           QLoRA recipes, each in its own process, merged into one result
 # Results and logs go to $OUT (default /tmp/out); results/ in this tree gets them by hand after the run.
 set -uo pipefail
@@ -97,6 +98,17 @@ step_serve_compare() {
   stop_leftover_servers
 }
 
+step_serve_slots() {  # the second half of serve-compare alone
+  setup || return 1
+  stop_leftover_servers
+  say "loraplex serve --max-loras ${SLOTS:-256}"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "${SLOTS:-256}" \
+    --label "loraplex --max-loras ${SLOTS:-256}" --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" \
+    --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-loraplex-slots.log" \
+    --out "$OUT/serve-loraplex-maxloras${SLOTS:-256}.json" $BENCH_ARGS
+  stop_leftover_servers
+}
+
 step_train() {
   setup || return 1
   stop_leftover_servers
@@ -121,6 +133,7 @@ while [ $# -gt 0 ]; do
     prepare) step_prepare 2>&1 | tee -a "$OUT/prepare.log" ;;
     serve-baseline) step_serve_baseline 2>&1 | tee -a "$OUT/serve-baseline.log" ;;
     serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
+    serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

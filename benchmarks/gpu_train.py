@@ -30,19 +30,30 @@ MAX_LENGTH = 2048
 # 4x the tokens, so fewer of them take about as long. Length grouping sorts mega-batches of 46 x 8 rows longest
 # first, so 27 steps of a length-grouped recipe see longer rows than the random batches of "standard"; the
 # tokens/s of the loraplex recipes compare among themselves on identical rows.
+UNPACKED = {"packing": False, "batch_size": 4}  # the recipes measured before packing became the GPU default
 RECIPES = {
     "standard": ("trl", {}, 27),
-    "loraplex": ("loraplex", {"use_liger_kernel": False}, 27),
-    "loraplex-liger": ("loraplex", {"use_liger_kernel": True}, 27),
-    "loraplex-bs2x4": ("loraplex", {"batch_size": 2, "gradient_accumulation_steps": 4, "use_liger_kernel": False}, 27),
-    "loraplex-packing": ("loraplex", {"packing": True, "use_liger_kernel": False}, 10),
+    "loraplex": ("loraplex", {"use_liger_kernel": False, **UNPACKED}, 27),
+    "loraplex-liger": ("loraplex", {"use_liger_kernel": True, **UNPACKED}, 27),
+    "loraplex-bs2x4": ("loraplex", {"batch_size": 2, "gradient_accumulation_steps": 4, "use_liger_kernel": False,
+                                    "packing": False}, 27),
+    "loraplex-packing": ("loraplex", {"packing": True, "batch_size": 4, "use_liger_kernel": False}, 10),
+    # 2 packed rows of up to 2,048 tokens x 2 micro-batches: about the 8 rows' tokens of batch 4 x 2 unpacked.
+    # What loraplex's GPU defaults (packing, batch_size and use_liger_kernel 'auto') resolve to.
+    "loraplex-liger-packing-2x2": ("loraplex", {"packing": True, "batch_size": 2, "gradient_accumulation_steps": 2,
+                                                "use_liger_kernel": True}, 27),
+    "loraplex-liger-bs2x4": ("loraplex", {"batch_size": 2, "gradient_accumulation_steps": 4, "use_liger_kernel": True,
+                                          "packing": False}, 27),
 }
 DESCRIPTIONS = {
     "standard": "TRL SFTTrainer defaults (no packing, random batches), batch 4 x grad accumulation 2",
     "loraplex": "loraplex's trainer without Liger: length-grouped batches, batch 4 x grad accumulation 2",
-    "loraplex-liger": "loraplex + Liger RMSNorm/SwiGLU/RoPE kernels (the GPU default since)",
+    "loraplex-liger": "loraplex + Liger RMSNorm/SwiGLU/RoPE kernels, batch 4 x grad accumulation 2 unpacked",
     "loraplex-bs2x4": "loraplex without Liger, batch 2 x grad accumulation 4 (same rows per step)",
     "loraplex-packing": "loraplex without Liger + TRL best-fit packing (padding-free), batch 4 x grad accumulation 2",
+    "loraplex-liger-packing-2x2": "loraplex + Liger + TRL best-fit packing (padding-free, sdpa with a per-row "
+                                  "block mask), 2 packed rows x grad accumulation 2 (the GPU default since)",
+    "loraplex-liger-bs2x4": "loraplex + Liger, batch 2 x grad accumulation 4 (same rows per step)",
 }
 
 
@@ -122,7 +133,7 @@ def run_standard(model_dir: Path, data: Path, workdir: Path, steps: int, clock) 
 
     from loraplex.train.trainer import choose_optimizer, detect_device, load_rows
 
-    config = loraplex_config(model_dir, data, workdir, "standard", steps, {})
+    config = loraplex_config(model_dir, data, workdir, "standard", steps, UNPACKED)
     device, _ = detect_device()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

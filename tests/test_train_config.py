@@ -26,10 +26,23 @@ def test_checked_in_config_validates_and_opens_with_its_command(path):
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
 
 
+def test_packing_and_batch_size_auto_resolve_per_device():
+    from loraplex.train.trainer import batching
+
+    config = load_config(None, name="a", data="d")
+    assert batching(config, "cpu") == (False, 4)  # the standard recipe's 4 padded rows
+    assert batching(config, "cuda") == (True, 2)  # 2 packed sequences: the measured GPU default
+    assert batching(load_config(None, name="a", data="d", packing=False), "cuda") == (False, 4)
+    assert batching(load_config(None, name="a", data="d", packing=True), "cpu") == (True, 2)
+    assert batching(load_config(None, name="a", data="d", batch_size=8), "cuda") == (True, 8)
+    with pytest.raises(LoraplexError, match="batch_size"):
+        load_config(None, name="a", data="d", batch_size=0)
+
+
 def test_standard_recipe_defaults():
     config = load_config(None, name="a", data="d")
     assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (64, 16, 0.1)
-    assert (config.learning_rate, config.num_epochs, config.batch_size, config.gradient_accumulation_steps) == (2e-4, 3, 4, 2)
+    assert (config.learning_rate, config.num_epochs, config.gradient_accumulation_steps) == (2e-4, 3, 2)
     assert (config.max_grad_norm, config.warmup_ratio, config.lr_scheduler) == (0.3, 0.03, "constant")
     assert config.group_by_length and config.max_seq_length == 1024 and config.optimizer == "auto"
 
@@ -91,8 +104,8 @@ def test_speed_options_and_liger_on_gpu_only_where_installed(monkeypatch):
     from loraplex.train.trainer import use_liger_kernel
 
     config = load_config(None, name="a", data="d")
-    assert not config.packing and config.use_liger_kernel == "auto"
-    assert load_config(None, name="a", data="d", packing=True).packing
+    assert config.packing == config.use_liger_kernel == config.batch_size == "auto"
+    assert load_config(None, name="a", data="d", packing=True).packing is True
     assert not use_liger_kernel(load_config(None, name="a", data="d", use_liger_kernel=False), "cuda")
 
     real_find_spec = importlib.util.find_spec

@@ -102,6 +102,16 @@ def use_liger_kernel(config: TrainConfig, device: str) -> bool:
     return config.use_liger_kernel
 
 
+def batching(config: TrainConfig, device: str) -> tuple[bool, int]:
+    """(packing, batch size) with 'auto' resolved. Packing pays on GPU (1.5x tokens/s and 2.5 GiB less than
+    TRL's unpacked batches for an 8B model, BENCHMARKS.md); on CPU it is unmeasured, so off. Two packed
+    sequences hold about the tokens of four padded rows, the standard recipe's batch."""
+    packing = device == "cuda" if config.packing == "auto" else config.packing
+    if config.batch_size != "auto":
+        return packing, config.batch_size
+    return packing, 2 if packing else 4
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that was written completely (trainer_state.json is saved last)."""
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
@@ -164,6 +174,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     gradient_checkpointing = (device == "cuda") if config.gradient_checkpointing == "auto" else config.gradient_checkpointing
     optimizer = choose_optimizer(config, device)
+    packing, batch_size = batching(config, device)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log(f"--resume: no complete checkpoint in {run_dir}, starting from scratch")
@@ -173,7 +184,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         log(f"starting fresh; old checkpoints in {run_dir} will be replaced (use --resume to continue them)")
     log(f"{config.name}: {len(train_rows)} train rows, {len(val_rows) if val_rows else 0} validation rows, "
         f"base {base_path}, device {device}, {precision}, optimizer {optimizer}, "
-        f"{'4-bit ' + config.bnb_4bit_quant_type if config.load_in_4bit else 'unquantised'} base")
+        f"{'4-bit ' + config.bnb_4bit_quant_type if config.load_in_4bit else 'unquantised'} base, "
+        f"batch {batch_size}{' packed sequences' if packing else ''} x {config.gradient_accumulation_steps}")
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
@@ -208,8 +220,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         learning_rate=config.learning_rate,
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_grad_norm=config.max_grad_norm,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of all steps (was warmup_ratio)
@@ -219,7 +231,7 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         weight_decay=config.weight_decay,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",  # was group_by_length
         max_length=config.max_seq_length,
-        packing=config.packing,
+        packing=packing,
         use_liger_kernel=use_liger_kernel(config, device),
         optim=optimizer,
         bf16=precision == "bf16",
@@ -274,6 +286,8 @@ def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence 
         "device": device,
         "precision": precision,
         "optimizer": optimizer,
+        "packing": packing,
+        "batch_size": batch_size,
         # read back from the loaded model, not the config: proves the base really trained in 4-bit
         "base_quantization": f"bitsandbytes-4bit-{config.bnb_4bit_quant_type}" if loaded_in_4bit else None,
         "global_step": trainer.state.global_step,
