@@ -28,10 +28,12 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from markdown_section import write_section  # this folder: the script's own directory is on sys.path
 
-from live_server import free_port, log_tail  # noqa: E402
+from loraplex.server_process import free_port, server_process
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # adapter_factory: random adapters for the base model
 
 PROMPTS = ["Tell me about the history of Paris.", "Explain how a bicycle works.", "Write a short poem about rain.",
            "What should I pack for a hiking trip?", "Describe the water cycle.", "How do vaccines work?",
@@ -113,40 +115,16 @@ async def run_load(url: str, models: list[str], args) -> dict:
 
 
 def measure(name: str, cmd: list[str], port: int, models: list[str], args) -> dict:
-    import signal
-    import subprocess
-
-    log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} server did not start:\n{log_tail(Path(log.name))}")
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    log = Path(tempfile.mkdtemp(prefix=f"bench-{name}-")) / "server.log"
+    # /v1/models: the readiness check both servers have (vLLM's /health answers before the models are listed)
+    with server_process(cmd, url + "/v1/models", log, timeout=600, cwd=ROOT, what=f"{name} server"):
         result = asyncio.run(run_load(url, models, args))
-        result["load_avg_1m"] = os.getloadavg()[0]
-        print(f"{name:9s} {result['output_tok_per_s']:7.1f} tok/s  TTFT p50 {result['ttft_p50_ms']:7.1f} ms  "
-              f"p99 {result['ttft_p99_ms']:7.1f} ms  one-at-a-time TTFT p50 {result['idle_ttft_p50_ms']:6.1f} ms  "
-              f"(load {result['load_avg_1m']:.1f})", flush=True)
-        return result
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+    result["load_avg_1m"] = os.getloadavg()[0]
+    print(f"{name:9s} {result['output_tok_per_s']:7.1f} tok/s  TTFT p50 {result['ttft_p50_ms']:7.1f} ms  "
+          f"p99 {result['ttft_p99_ms']:7.1f} ms  one-at-a-time TTFT p50 {result['idle_ttft_p50_ms']:6.1f} ms  "
+          f"(load {result['load_avg_1m']:.1f})", flush=True)
+    return result
 
 
 def prepare_adapters(args, model_path: Path, workdir: Path) -> dict[str, Path]:
@@ -188,7 +166,6 @@ def spread(report: dict, key: str) -> str:
 def write_markdown(report: dict, path: Path) -> None:
     s, settings = report["summary"], report["settings"]
     lines = [
-        SECTION_START,
         f"`benchmarks/serve_vs_vllm.py`, {report['date']}, {report['machine']}, vLLM {report['vllm_version']}. "
         f"{settings['requests']} streaming chat requests round-robin over the base model and "
         f"{settings['adapters']} adapters, concurrency {settings['concurrency']}, {settings['max_tokens']} tokens "
@@ -215,18 +192,9 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Targets: throughput ratio >= 0.95, TTFT p50 within 5 ms. {report['caveat']}"
         + (f" {report['note']}" if report.get("note") else ""),
         f"Raw runs: `{report['json']}`.",
-        SECTION_END,
     ]
     block = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text:
-        before, rest = text.split(SECTION_START, 1)
-        text = before + block + rest.split(SECTION_END, 1)[1]
-    elif HEADING in text:
-        text = text.replace(HEADING, f"{HEADING}\n\n{block}", 1)
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    path.write_text(text)
+    write_section(path, HEADING, SECTION_START, SECTION_END, lines)
 
 
 def main() -> None:

@@ -8,10 +8,6 @@ Each step prints what it does; a finished step is reused on a re-run when its in
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from importlib import resources
@@ -20,36 +16,11 @@ from typing import Annotated
 
 import typer
 
-from loraplex.errors import LoraplexError
-
 ADAPTER = "docstrings"
 
 
 def _step(number: int, total: int, text: str) -> None:
     print(f"\n=== [{number}/{total}] {text}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise LoraplexError(f"the server exited with code {process.returncode}; its log:\n"
-                                + log.read_text(errors="replace")[-4000:])
-        try:
-            if httpx.get(base_url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise LoraplexError(f"the server was not ready after {timeout:.0f} s; see {log}")
 
 
 def _adapter_is_current(adapter_dir: Path, train_file: Path, config) -> bool:
@@ -68,6 +39,7 @@ def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool, max
     from loraplex.eval.report import format_summary
     from loraplex.eval.runner import run_eval
     from loraplex.models import DEFAULT_MODEL, fetch_model, served_name
+    from loraplex.server_process import free_port, server_process
     from loraplex.train.config import load_config
     from loraplex.train.data import prepare_dataset
     from loraplex.train.examples import write_example
@@ -100,17 +72,12 @@ def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool, max
         run_training(config)
 
     _step(5, total, "start the server with the base model and the adapter")
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = workdir / "server.log"
-    with open(log, "w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "loraplex", "serve", "--base-model", DEFAULT_MODEL,
-             "--adapters-dir", str(adapters_dir), "--port", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        _wait_ready(base_url, server, log)
+    command = [sys.executable, "-m", "loraplex", "serve", "--base-model", DEFAULT_MODEL,
+               "--adapters-dir", str(adapters_dir), "--port", str(port)]
+    with server_process(command, base_url + "/ready", log, what="loraplex serve"):
         print(f"serving at {base_url} (log: {log})")
 
         _step(6, total, f"evaluate base vs {ADAPTER} on {eval_limit} held-out rows through the API")
@@ -118,12 +85,6 @@ def run_demo(workdir: Path, eval_limit: int, max_tokens: int, retrain: bool, max
         out = workdir / "eval"
         results = run_eval(base_url, prepared / "val.jsonl", [base_name, ADAPTER], out, limit=eval_limit,
                            max_tokens=max_tokens, concurrency=8, restart=True)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
     print()
     print(format_summary(results, out))
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} minutes")
