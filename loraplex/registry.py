@@ -130,14 +130,38 @@ def read_adapter(path: Path, name: str | None = None, max_lora_rank: int = VLLM_
     )
 
 
-def list_adapters(adapters_dir: Path) -> tuple[list[AdapterInfo], dict[str, str]]:
-    """Every adapter in the registry, and the reasons the broken ones were skipped (name -> reason)."""
+def escape_problem(path: Path, roots: list[Path]) -> str | None:
+    """Why adapter directory `path` reaches outside `roots` through a symlink (of the directory or of a file in
+    it), if it does: a file dropped into the registry must not make the server read anything else on the machine."""
+    resolved_roots = [Path(r).resolve() for r in roots]
+    for entry in (path, *sorted(p for p in path.iterdir())):
+        try:
+            real = entry.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return f"{entry.name} is a broken or looping symlink"
+        if not any(real.is_relative_to(root) for root in resolved_roots):
+            return (f"{entry} resolves to {real}, outside the adapter registry and the allowed roots "
+                    "(--allowed-adapter-root)")
+    return None
+
+
+def list_adapters(adapters_dir: Path, allowed_roots: list[Path] = ()) -> tuple[list[AdapterInfo], dict[str, str]]:
+    """Every adapter in the registry, and the reasons the broken ones were skipped (name -> reason). Symlinks
+    leaving the registry and `allowed_roots` count as broken: the server refuses them."""
     adapters_dir = Path(adapters_dir)
     found, broken = [], {}
     if not adapters_dir.is_dir():
         return found, broken
     for entry in sorted(adapters_dir.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            escape = escape_problem(entry, [adapters_dir, *allowed_roots])
+        except OSError as e:
+            broken[entry.name] = f"cannot read {entry}: {e}"
+            continue
+        if escape is not None:
+            broken[entry.name] = f"refused: {escape}"
             continue
         try:
             found.append(read_adapter(entry))

@@ -25,6 +25,7 @@ from loraplex.registry import (
     NAME_PATTERN,
     AdapterError,
     AdapterInfo,
+    escape_problem,
     read_adapter,
 )
 from loraplex.serve.errors import APIError, model_not_found
@@ -248,29 +249,17 @@ class AdapterManager:
         self._install(version)
         return version
 
-    def _inside_roots(self, path: Path) -> bool:
-        roots = [self.adapters_dir.resolve(), *(Path(r).resolve() for r in self.allowed_roots)]
-        return any(path.is_relative_to(root) for root in roots)
+    def _roots(self) -> list[Path]:
+        return [self.adapters_dir, *self.allowed_roots]
 
-    def escape_problem(self, path: Path) -> str | None:
-        """Why `path` reaches outside the registry and the allowed roots through a symlink (of the directory
-        or of a file in it), if it does: a file dropped into the registry must not make the server read
-        anything else on the machine."""
-        for entry in (path, *sorted(p for p in path.iterdir())):
-            try:
-                real = entry.resolve(strict=True)
-            except (OSError, RuntimeError):
-                return f"{entry.name} is a broken or looping symlink"
-            if not self._inside_roots(real):
-                return (f"{entry} resolves to {real}, outside the adapter registry and the allowed roots "
-                        "(--allowed-adapter-root)")
-        return None
+    def _inside_roots(self, path: Path) -> bool:
+        return any(path.is_relative_to(root.resolve()) for root in self._roots())
 
     def check(self, path: Path, name: str) -> AdapterInfo:
         """The symlink escape check, read_adapter's checks, then the server's rank limit and the fit to the
         base model."""
         try:
-            escape = self.escape_problem(path) if path.is_dir() else None  # read_adapter says what else is wrong
+            escape = escape_problem(path, self._roots()) if path.is_dir() else None  # read_adapter says what else is wrong
         except OSError as e:
             raise AdapterError(f"adapter {name!r}: cannot read {path}: {e}") from None
         if escape is not None:

@@ -353,7 +353,7 @@ async def run(config: ServeConfig) -> None:
     from loraplex.serve.metrics import Metrics
 
     aliases = load_aliases(config.aliases_file)
-    found, _ = list_adapters(config.adapters_dir)
+    found, _ = list_adapters(config.adapters_dir, config.allowed_adapter_roots)
     loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                        max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks())
     tokenizer = eng.load_tokenizer(config)

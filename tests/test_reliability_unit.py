@@ -126,6 +126,19 @@ def test_registry_scan_refuses_symlinks_that_leave_it(tmp_path):
 
     asyncio.run(allowed())
 
+    # `loraplex adapters list` says the same as the server, through the same check
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+    from loraplex.registry import list_adapters
+
+    found, broken = list_adapters(registry)
+    assert {a.name for a in found} == {"good", "inner-link"}
+    assert set(broken) == {"dir-link", "file-link", "dangling"} and "outside" in broken["dir-link"]
+    assert {"dir-link", "file-link"} <= {a.name for a in list_adapters(registry, [outside])[0]}
+    listed = CliRunner().invoke(app, ["adapters", "list", "--adapters-dir", str(registry)])
+    assert listed.exit_code == 0 and "dir-link" in listed.output and "BROKEN: refused" in listed.output
+
 
 # ---------------------------------------------------------------- a full disk while publishing an adapter
 

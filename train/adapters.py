@@ -20,10 +20,16 @@ AdaptersDirOption = Annotated[
 ]
 
 
-def list_command(adapters_dir: AdaptersDirOption = None, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the adapters in the registry, and the broken ones with the reason they cannot be served."""
+def list_command(
+    adapters_dir: AdaptersDirOption = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+    allowed_adapter_root: Annotated[list[Path] | None, typer.Option(
+        help="A directory outside the registry that symlinks may point into, as given to `loraplex serve`.")] = None,
+) -> None:
+    """List the adapters in the registry, and the broken ones with the reason they cannot be served (symlinks
+    leaving the registry included, as the server refuses them)."""
     adapters_dir = adapters_dir or default_adapters_dir()
-    adapters, broken = list_adapters(adapters_dir)
+    adapters, broken = list_adapters(adapters_dir, allowed_adapter_root or [])
     if json_output:
         print(json.dumps({"adapters": [a.as_dict() for a in adapters], "broken": broken}, indent=2))
         return
