@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -339,21 +339,21 @@ class Serving:
         finally:
             scope.close()
 
-    async def _chat_stream(self, request, scope, outputs, request_id) -> AsyncIterator[str]:
+    def _chat_stream(self, request, scope, outputs, request_id) -> AsyncIterator[str]:
         created = int(time.time())
         model = scope.target.model
         include_usage = request.include_usage()
-        started: set[int] = set()
-        prompt_tokens = completion_tokens = 0
+        tokens = _TokenCount()
 
         def chunk(choices, usage=None) -> str:
             body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
             return f"data: {body.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
-        try:
+        async def events() -> AsyncIterator[str]:
+            started: set[int] = set()
             async for _, out in outputs:
                 if out.prompt_token_ids is not None:
-                    prompt_tokens = len(out.prompt_token_ids)
+                    tokens.prompt[0] = len(out.prompt_token_ids)
                 choices = []
                 for o in out.outputs:
                     if o.index not in started:
@@ -361,28 +361,16 @@ class Serving:
                         yield chunk([ChatChunkChoice(index=o.index, delta=ChatDelta(role="assistant", content=""))])
                     if o.token_ids:
                         scope.first_token()
-                    completion_tokens += len(o.token_ids)
+                    tokens.completion += len(o.token_ids)
                     if o.text or o.finish_reason:
                         choices.append(ChatChunkChoice(index=o.index, delta=ChatDelta(content=o.text),
                                                        finish_reason=o.finish_reason))
                 if choices:
                     yield chunk(choices)
             if include_usage:
-                yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            scope.status = 499
-            self.metrics.aborted.labels(model).inc()
-            raise
-        except Exception as e:
-            error = generation_error(e)
-            scope.status = error.status
-            yield sse_error(error)
-            yield "data: [DONE]\n\n"
-        finally:
-            await outputs.aclose()
-            scope.close(prompt_tokens, completion_tokens)
+                yield chunk([], tokens.usage())
+
+        return self._sse(scope, outputs, events(), tokens)
 
     # ---------------------------------------------------------------- completion responses
 
@@ -399,22 +387,21 @@ class Serving:
         finally:
             scope.close()
 
-    async def _completion_stream(self, request, scope, outputs, request_id, echoes) -> AsyncIterator[str]:
+    def _completion_stream(self, request, scope, outputs, request_id, echoes) -> AsyncIterator[str]:
         created = int(time.time())
         model = scope.target.model
         include_usage = request.include_usage()
-        echoed: set[int] = set()
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens = 0
+        tokens = _TokenCount()
 
         def chunk(choices, usage=None) -> str:
             body = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
             return f"data: {body.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
-        try:
+        async def events() -> AsyncIterator[str]:
+            echoed: set[int] = set()
             async for p, out in outputs:
                 if out.prompt_token_ids is not None:
-                    prompt_tokens[p] = len(out.prompt_token_ids)
+                    tokens.prompt[p] = len(out.prompt_token_ids)
                 choices = []
                 for o in out.outputs:
                     index = p * request.n + o.index
@@ -424,19 +411,27 @@ class Serving:
                         text = echoes[p] + text
                     if o.token_ids:
                         scope.first_token()
-                    completion_tokens += len(o.token_ids)
+                    tokens.completion += len(o.token_ids)
                     if text or o.finish_reason:
                         choices.append(CompletionChoice(index=index, text=text, finish_reason=o.finish_reason))
                 if choices:
                     yield chunk(choices)
             if include_usage:
-                total_prompt = sum(prompt_tokens.values())
-                yield chunk([], Usage(prompt_tokens=total_prompt, completion_tokens=completion_tokens,
-                                      total_tokens=total_prompt + completion_tokens))
+                yield chunk([], tokens.usage())
+
+        return self._sse(scope, outputs, events(), tokens)
+
+    async def _sse(self, scope, outputs, events: AsyncIterator[str], tokens: _TokenCount) -> AsyncIterator[str]:
+        """What both streaming endpoints share around their chunks: `[DONE]` at the end; an error while
+        generating becomes one OpenAI-shaped error event (the status line is long gone); a client that goes
+        away aborts the request in the engine; the request's tokens are recorded however it ends."""
+        try:
+            async for event in events:
+                yield event
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             scope.status = 499
-            self.metrics.aborted.labels(model).inc()
+            self.metrics.aborted.labels(scope.target.model).inc()
             raise
         except Exception as e:
             error = generation_error(e)
@@ -444,8 +439,20 @@ class Serving:
             yield sse_error(error)
             yield "data: [DONE]\n\n"
         finally:
+            await events.aclose()
             await outputs.aclose()
-            scope.close(sum(prompt_tokens.values()), completion_tokens)
+            scope.close(sum(tokens.prompt.values()), tokens.completion)
+
+
+@dataclass
+class _TokenCount:
+    """Tokens of one streamed request so far: prompt tokens per prompt, generated tokens in all."""
+    prompt: dict[int, int] = field(default_factory=dict)
+    completion: int = 0
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=self.completion, total_tokens=prompt + self.completion)
 
 
 # ---------------------------------------------------------------- helpers
