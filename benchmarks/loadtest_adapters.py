@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from adapter_factory import make_adapter  # noqa: E402
 from live_server import running_server  # noqa: E402
+from markdown_section import write_section  # noqa: E402
 
 SECTION_START, SECTION_END = "<!-- loadtest_adapters:start -->", "<!-- loadtest_adapters:end -->"
 HEADING = "## CPU: load test, 1 model vs 4 models in the mix"
@@ -91,7 +92,6 @@ def write_markdown(report: dict, path: Path) -> None:
             ("TTFT p50 (ms)", "ttft_p50_ms", 0), ("TTFT p99 (ms)", "ttft_p99_ms", 0),
             ("ITL p50 (ms)", "itl_p50_ms", 1), ("end-to-end p50 (ms)", "e2e_p50_ms", 0)]
     lines = [
-        SECTION_START,
         f"`benchmarks/loadtest_adapters.py` ({report['date']}, {report['machine']}): `loraplex serve` on "
         f"{settings['base_model']} with {N_ADAPTERS} random-weight rank-{settings['rank']} LoRA adapters "
         f"(--max-loras {N_ADAPTERS}), loaded by `loraplex loadtest` (locust, streaming chat): {settings['users']} "
@@ -113,19 +113,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         report["caveat"],
         f"Raw runs: `{report['json']}`.",
-        SECTION_END,
     ]
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = "\n".join(lines)
-    if SECTION_START in text:
-        before, rest = text.split(SECTION_START, 1)
-        text = before + block + rest.split(SECTION_END, 1)[1]
-    elif HEADING in text:
-        before, after = text.split(HEADING, 1)
-        text = before + HEADING + "\n\n" + block + "\n\n" + after.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    path.write_text(text)
+    write_section(path, HEADING, SECTION_START, SECTION_END, lines)
 
 
 def main() -> None:

@@ -11,12 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from stub_http import stub_server
 
 from loraplex.errors import LoraplexError
 from loraplex.eval import run_eval
@@ -90,14 +90,8 @@ class StubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.daemon_threads = True
-    server.requests = Counter()
-    server.seen_busy = set()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server
-    server.shutdown()
+    with stub_server(StubHandler, requests=Counter(), seen_busy=set()) as url_and_server:
+        yield url_and_server
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import csv
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from stub_http import stub_server
 
 from loraplex.cli import main
 from loraplex.loadtests.cli import LOCUSTFILE
@@ -105,13 +105,8 @@ class StubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.daemon_threads = True
-    server.requests = {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server
-    server.shutdown()
+    with stub_server(StubHandler, requests={}) as url_and_server:
+        yield url_and_server
 
 
 @pytest.fixture
