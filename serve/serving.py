@@ -340,14 +340,9 @@ class Serving:
             scope.close()
 
     def _chat_stream(self, request, scope, outputs, request_id) -> AsyncIterator[str]:
-        created = int(time.time())
-        model = scope.target.model
         include_usage = request.include_usage()
+        chunk = _chunk_writer(ChatCompletionChunk, request_id, scope.target.model, include_usage)
         tokens = _TokenCount()
-
-        def chunk(choices, usage=None) -> str:
-            body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage)
-            return f"data: {body.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
         async def events() -> AsyncIterator[str]:
             started: set[int] = set()
@@ -388,14 +383,9 @@ class Serving:
             scope.close()
 
     def _completion_stream(self, request, scope, outputs, request_id, echoes) -> AsyncIterator[str]:
-        created = int(time.time())
-        model = scope.target.model
         include_usage = request.include_usage()
+        chunk = _chunk_writer(CompletionResponse, request_id, scope.target.model, include_usage)
         tokens = _TokenCount()
-
-        def chunk(choices, usage=None) -> str:
-            body = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
-            return f"data: {body.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
         async def events() -> AsyncIterator[str]:
             echoed: set[int] = set()
@@ -442,6 +432,18 @@ class Serving:
             await events.aclose()
             await outputs.aclose()
             scope.close(sum(tokens.prompt.values()), tokens.completion)
+
+
+def _chunk_writer(body_type, request_id: str, model: str, include_usage: bool):
+    """One SSE event per chunk of a stream: same id, creation time and model in every chunk, `usage` only when
+    the client asked for it (stream_options.include_usage)."""
+    created = int(time.time())
+
+    def chunk(choices, usage=None) -> str:
+        body = body_type(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        return f"data: {body.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
+
+    return chunk
 
 
 @dataclass
