@@ -1,13 +1,15 @@
 """QLoRA training speed on CPU for the demo recipe, against the reference run.
 
-    .venv/bin/python benchmarks/cpu_train_step.py [--steps 20] [--precision auto|bf16|fp32]
+    .venv/bin/python benchmarks/cpu_train_step.py [--steps 20] [--precision auto|bf16|fp32] [--trainer loraplex|trl]
 
 Trains the demo config (SmolLM2-135M-Instruct, 4-bit NF4 base, r=16, batch 8 x 256 tokens) on the prepared
 docstring set for a few steps and reports seconds per optimizer step, excluding the first (warm-up) step.
 Batches are drawn at random as in the reference (TRL's default), not grouped by length as the demo does: grouping
 puts the longest rows first, so the first steps of a grouped run are its slowest and say little about the mean.
 Reference: TRL + bitsandbytes NF4 directly on the same machine kind, 7.6 s per step at the same shape.
-Writes benchmarks/results/cpu-train-<date>.json.
+`--trainer trl` runs the same shape through TRL's SFTTrainer directly (no loraplex), on the same rows: the
+like-for-like baseline, since the reference's own script and rows are not in this repository.
+Writes benchmarks/results/cpu-train-<date>-<trainer>-<precision>.json.
 """
 
 from __future__ import annotations
@@ -24,11 +26,41 @@ REFERENCE_S_PER_STEP = 7.6
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_with_trl_directly(config, timer) -> str:
+    """The demo recipe through TRL's SFTTrainer, PEFT and bitsandbytes with nothing of loraplex's trainer."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from loraplex.models import resolve_base_model
+    from loraplex.train.trainer import data_files, detect_device, load_rows
+
+    precision = config.precision if config.precision != "auto" else ("bf16" if detect_device()[1] else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    base = resolve_base_model(config.base_model)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, dtype=dtype,
+                                                 device_map={"": "cpu"})
+    args = SFTConfig(output_dir=config.runs_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+                     learning_rate=config.learning_rate, bf16=precision == "bf16", max_length=config.max_seq_length,
+                     report_to=[], save_strategy="no", use_cpu=True, logging_steps=100, seed=config.seed)
+    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=config.target_modules, task_type="CAUSAL_LM")
+    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(load_rows(data_files(config)[0])),
+               processing_class=AutoTokenizer.from_pretrained(base), peft_config=peft_config,
+               callbacks=[timer]).train()
+    return precision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--data", default=str(ROOT / "runs" / "demo" / "prepared"))
+    parser.add_argument("--trainer", default="loraplex", choices=["loraplex", "trl"])
     args = parser.parse_args()
 
     from transformers import TrainerCallback
@@ -51,22 +83,24 @@ def main() -> None:
         config = config.model_copy(update={"runs_dir": f"{tmp}/runs", "precision": args.precision,
                                            "eval_steps": 10**6, "save_steps": 10**6,
                                            "group_by_length": False})
-        adapter = run_training(config, callbacks=[StepTimer()])
-        meta = json.loads((adapter / "loraplex.json").read_text())
-
+        if args.trainer == "trl":
+            precision = train_with_trl_directly(config, StepTimer())
+        else:
+            adapter = run_training(config, callbacks=[StepTimer()])
+            precision = json.loads((adapter / "loraplex.json").read_text())["precision"]
     measured = step_times[1:]
     s_per_step = sum(measured) / len(measured)
     result = {
         "kind": "train", "device": f"cpu ({platform.processor() or platform.machine()})",
         "date": time.strftime("%Y-%m-%d"),
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
-        "cases": [{"name": f"demo recipe, {meta['precision']}", "s_per_step": round(s_per_step, 2),
+        "cases": [{"name": f"demo recipe, {args.trainer}, {precision}", "s_per_step": round(s_per_step, 2),
                    "tokens_per_s": None, "ratio_to_reference": round(REFERENCE_S_PER_STEP / s_per_step, 3),
                    "steps_timed": len(measured),
                    "s_per_step_min_max": [round(min(measured), 2), round(max(measured), 2)]}],
         "reference": {"s_per_step": REFERENCE_S_PER_STEP},
     }
-    out = ROOT / "benchmarks" / "results" / f"cpu-train-{result['date']}-{meta['precision']}.json"
+    out = ROOT / "benchmarks" / "results" / f"cpu-train-{result['date']}-{args.trainer}-{precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
