@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from loraplex.server_process import free_port, log_tail, server_process  # noqa: F401  (free_port: tests import it)
@@ -48,3 +49,13 @@ def running_server(base_model, adapters_dir, *extra_args, env=None, ready_timeou
                         what="loraplex serve") as proc:
         _PROCS[base_url] = proc
         yield base_url
+
+
+def wait_until(condition, timeout=60.0, interval=0.2) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False

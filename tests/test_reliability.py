@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from adapter_factory import make_adapter
-from live_server import running_server, server_log, server_pid
+from live_server import running_server, server_log, server_pid, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -138,15 +138,6 @@ def tree_rss(pid: int) -> int:
 def metric(http, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
                if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
-def wait_until(condition, timeout=60.0, interval=0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 # ---------------------------------------------------------------- hostile requests, made by hand

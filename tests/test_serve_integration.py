@@ -24,7 +24,7 @@ from adapter_factory import (
     make_missing_weights_copy,
     make_other_base_adapter,
 )
-from live_server import running_server, server_log, server_pid
+from live_server import running_server, server_log, server_pid, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -137,15 +137,6 @@ def metric(http: httpx.Client, name: str) -> float:
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line.startswith(name + " ") or line.startswith(name + "{")]
     return sum(values)
-
-
-def wait_until(condition, timeout=60.0, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 # ---------------------------------------------------------------- models and generation
