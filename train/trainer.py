@@ -150,10 +150,26 @@ def publish_adapter(adapters_dir: Path, name: str, save: Callable[[Path], None],
         raise
 
 
+def _quiet_bitsandbytes_kernel_hub_warning() -> None:
+    """bitsandbytes warns on import, on CPUs with AVX512-BF16, that its faster 4-bit CPU kernel needs the `kernels`
+    package; that package downloads the kernel from a model hub at run time, which loraplex never reaches, so the
+    advice would mislead. The portable kernel it falls back to is what every CPU figure in BENCHMARKS.md used."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_kernel_hub_advice not in logger.filters:
+        logger.addFilter(_not_kernel_hub_advice)
+
+
+def _not_kernel_hub_advice(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence = ()) -> Path:
     """Train one adapter and publish it to the registry; returns the adapter directory.
 
     `callbacks`: extra transformers TrainerCallbacks (benchmarks hook their step timers in here)."""
+    _quiet_bitsandbytes_kernel_hub_warning()
     import torch
     from datasets import Dataset
     from peft import LoraConfig
