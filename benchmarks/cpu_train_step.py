@@ -7,8 +7,9 @@ docstring set for a few steps and reports seconds per optimizer step, excluding 
 Batches are drawn at random as in the reference (TRL's default), not grouped by length as the demo does: grouping
 puts the longest rows first, so the first steps of a grouped run are its slowest and say little about the mean.
 Reference: TRL + bitsandbytes NF4 directly on the same machine kind, 7.6 s per step at the same shape.
-`--trainer trl` runs the same shape through TRL's SFTTrainer directly (no loraplex), on the same rows: the
-like-for-like baseline, since the reference's own script and rows are not in this repository.
+`--trainer trl` runs the same recipe through TRL's SFTTrainer directly (benchmarks/trl_baseline.py, the GPU
+benchmark's baseline too), on the same rows: the like-for-like baseline, since the reference's own script and rows
+are not in this repository.
 Writes benchmarks/results/cpu-train-<date>-<trainer>-<precision>.json.
 """
 
@@ -26,35 +27,6 @@ REFERENCE_S_PER_STEP = 7.6
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_with_trl_directly(config, timer) -> str:
-    """The demo recipe through TRL's SFTTrainer, PEFT and bitsandbytes with nothing of loraplex's trainer."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from loraplex.models import resolve_base_model
-    from loraplex.train.trainer import data_files, detect_device, load_rows
-
-    precision = config.precision if config.precision != "auto" else ("bf16" if detect_device()[1] else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    base = resolve_base_model(config.base_model)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization, dtype=dtype,
-                                                 device_map={"": "cpu"})
-    args = SFTConfig(output_dir=config.runs_dir, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-                     learning_rate=config.learning_rate, bf16=precision == "bf16", max_length=config.max_seq_length,
-                     report_to=[], save_strategy="no", use_cpu=True, logging_steps=100, seed=config.seed)
-    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             target_modules=config.target_modules, task_type="CAUSAL_LM")
-    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(load_rows(data_files(config)[0])),
-               processing_class=AutoTokenizer.from_pretrained(base), peft_config=peft_config,
-               callbacks=[timer]).train()
-    return precision
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -65,8 +37,11 @@ def main() -> None:
 
     from transformers import TrainerCallback
 
+    from trl_baseline import train_with_trl_directly  # this folder: the script's own directory is on sys.path
+
+    from loraplex.models import resolve_base_model
     from loraplex.train.config import load_config
-    from loraplex.train.trainer import run_training
+    from loraplex.train.trainer import detect_device, run_training
 
     step_times: list[float] = []
 
@@ -84,7 +59,9 @@ def main() -> None:
                                            "eval_steps": 10**6, "save_steps": 10**6,
                                            "group_by_length": False})
         if args.trainer == "trl":
-            precision = train_with_trl_directly(config, StepTimer())
+            precision = args.precision if args.precision != "auto" else ("bf16" if detect_device()[1] else "fp32")
+            train_with_trl_directly(config, resolve_base_model(config.base_model), precision, [StepTimer()],
+                                    Path(config.runs_dir))
         else:
             adapter = run_training(config, callbacks=[StepTimer()])
             precision = json.loads((adapter / "loraplex.json").read_text())["precision"]

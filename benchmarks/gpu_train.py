@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import log, result_document, write_result  # noqa: E402
+from trl_baseline import train_with_trl_directly  # noqa: E402
 
 MAX_LENGTH = 2048
 # name -> (what runs it, TrainConfig fields over loraplex's defaults, optimizer steps). Packed steps hold about
@@ -125,34 +126,8 @@ def loraplex_config(model_dir: Path, data: Path, workdir: Path, recipe: str, ste
 def run_standard(model_dir: Path, data: Path, workdir: Path, steps: int, clock) -> None:
     """TRL's SFTTrainer as its documentation sets up QLoRA, with the recipe's hyperparameters (loraplex's
     defaults) and nothing else: no length grouping, no packing."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from loraplex.train.trainer import choose_optimizer, detect_device, load_rows
-
     config = loraplex_config(model_dir, data, workdir, "standard", steps, UNPACKED)
-    device, _ = detect_device()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quantization,
-                                                 dtype=torch.bfloat16,
-                                                 device_map={"": 0} if device == "cuda" else {"": "cpu"})
-    args = SFTConfig(output_dir=str(workdir / "runs" / "standard"), seed=config.seed, max_steps=steps,
-                     per_device_train_batch_size=config.batch_size,
-                     gradient_accumulation_steps=config.gradient_accumulation_steps,
-                     learning_rate=config.learning_rate, lr_scheduler_type="constant",
-                     max_grad_norm=config.max_grad_norm, optim=choose_optimizer(config, device), bf16=True,
-                     logging_steps=1, report_to=[], save_strategy="no", max_length=MAX_LENGTH,
-                     use_cpu=device == "cpu")
-    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(load_rows(data)),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
-    trainer.train()
+    train_with_trl_directly(config, model_dir, "bf16", [clock], workdir / "runs" / "standard")
 
 
 def run_recipe(recipe: str, model_dir: Path, data: Path, workdir: Path, steps: int | None = None) -> dict:
