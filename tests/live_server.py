@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loraplex.server_process import free_port, log_tail, server_process  # noqa: F401  (free_port: tests import it)
+from loraplex.server_process import free_port, log_tail, server_process
 
 READY_TIMEOUT_S = 300.0
 _LOGS: dict[str, Path] = {}
