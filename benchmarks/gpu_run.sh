@@ -7,7 +7,10 @@
 #   prepare         make the random 8B model and 256 + 8 adapters (the tokenizer is added once unpacked)
 #   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
-#   serve-slots     loraplex with --max-loras ${SLOTS:-256} alone (the second half of serve-compare)
+#   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone
+#   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
+#                   so the next command can start while an engine compiles; results and logs go to $KEEP
+#   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
 #   train           QLoRA recipes, each in its own process, merged into one result
 # Results and logs go to $OUT (default /tmp/out); results/ in this tree gets them by hand after the run.
 set -uo pipefail
@@ -18,6 +21,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONSAFEPATH=1 PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false LORAPLEX_HOME=$WORK/home BENCH_SERVER_PIDS=$WORK/server.pids
 MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters
+KEEP=${KEEP:-/tmp/keep}
 STARTED=$(date +%s)
 BENCH_ARGS=${BENCH_ARGS:-}  # extra gpu_serve.py bench flags, for dry runs on CPU
 
@@ -98,15 +102,38 @@ step_serve_compare() {
   stop_leftover_servers
 }
 
-step_serve_slots() {  # the second half of serve-compare alone
+step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   setup || return 1
   stop_leftover_servers
-  say "loraplex serve --max-loras ${SLOTS:-256}"
-  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "${SLOTS:-256}" \
-    --label "loraplex --max-loras ${SLOTS:-256}" --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" \
-    --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-loraplex-slots.log" \
-    --out "$OUT/serve-loraplex-maxloras${SLOTS:-256}.json" $BENCH_ARGS
+  local slots=${SLOTS:-256} flags=(${SERVER_ARGS:-}) tag
+  tag=$(echo "maxloras$slots${SERVER_ARGS:-}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
+  say "loraplex serve --max-loras $slots ${SERVER_ARGS:-}"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "$slots" \
+    "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}" \
+    --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
+    --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" $BENCH_ARGS
   stop_leftover_servers
+}
+
+step_detach() {
+  mkdir -p "$KEEP" && rm -f "$KEEP/detached.done"
+  KEEP=$KEEP OUT=$KEEP setsid nohup bash -c 'bash "$0" "$@"; touch "$KEEP/detached.done"' "$0" "$@" \
+    >> "$KEEP/detached.log" 2>&1 < /dev/null &
+  say "detached: $* (log $KEEP/detached.log)"
+}
+
+step_wait() {
+  local until=$(( $(date +%s) + $1 ))
+  while [ -f "$KEEP/detached.log" ] && [ ! -f "$KEEP/detached.done" ] && [ "$(date +%s)" -lt "$until" ]; do
+    sleep 5
+  done
+  if [ -f "$KEEP/detached.done" ]; then say "detached steps finished"; else say "detached steps still running"; fi
+  [ -d "$KEEP" ] || return 0
+  tail -n 30 "$KEEP/detached.log"
+  cp "$KEEP"/*.json "$OUT"/ 2>/dev/null
+  # the results come back whole; of the logs only their ends (a machine gives back few files)
+  (cd "$KEEP" && for f in *.log; do tail -n 400 "$f" > "/tmp/tail-$f"; done
+   tar -czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls tail-*.log))
 }
 
 step_train() {
@@ -135,6 +162,8 @@ while [ $# -gt 0 ]; do
     serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
     serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
+    detach) step_detach "$@"; exit 0 ;;
+    wait) step_wait "$1"; shift ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

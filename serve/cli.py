@@ -54,6 +54,10 @@ def serve(
         help="Adapters kept loaded in host memory. " + _DEFAULTS_NOTE)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option(
         help="Highest adapter rank served, rounded up to a rank vLLM supports. " + _DEFAULTS_NOTE)] = None,
+    specialize_active_lora: Annotated[Optional[bool], typer.Option(
+        help="LoRA kernel grids and CUDA graphs per count of adapters in a batch (powers of 2), so a batch pays "
+        "for the adapters it uses rather than for every slot; more CUDA graphs to capture at start. "
+        "Default: vLLM's.")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length. Default: the model's.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(
         help="Sequences the engine runs at once. Default: vLLM's.")] = None,
@@ -99,7 +103,8 @@ def serve(
         api_keys=api_keys, scoped_keys=load_api_keys_file(api_keys_file) if api_keys_file else {},
         admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
-        max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+        max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+        specialize_active_lora=specialize_active_lora, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,
         dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,

@@ -36,6 +36,9 @@ class ServeConfig:
     """Adapters kept loaded in host memory (`--max-cpu-loras`). None: sized from the registry."""
     max_lora_rank: int | None = None
     """Highest adapter rank served (`--max-lora-rank`), rounded up to a rank vLLM supports. None: from the registry."""
+    specialize_active_lora: bool | None = None
+    """LoRA kernel grids and CUDA graphs per count of adapters in a batch (`--specialize-active-lora`), so a batch
+    pays for the adapters it uses rather than for every slot. None: vLLM's default."""
     max_model_len: int | None = None
     """Context length (`--max-model-len`). None: the model's own."""
     max_num_seqs: int | None = None

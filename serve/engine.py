@@ -46,6 +46,7 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
         max_num_seqs=config.max_num_seqs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         distributed_executor_backend=config.distributed_executor_backend,
+        specialize_active_lora=config.specialize_active_lora,
     )
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     kv_cache_gb = config.kv_cache_gb if config.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if cpu else None)
