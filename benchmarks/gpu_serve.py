@@ -192,8 +192,10 @@ def free_port() -> int:
 
 
 def vllm_lora_flags(sizing) -> list[str]:
+    """vLLM server flags for the LoRA settings `loraplex serve` uses on a GPU (specialize-active-lora is its
+    default there)."""
     return ["--enable-lora", "--max-loras", str(sizing.max_loras), "--max-cpu-loras", str(sizing.max_cpu_loras),
-            "--max-lora-rank", str(sizing.max_lora_rank)]
+            "--max-lora-rank", str(sizing.max_lora_rank), "--specialize-active-lora"]
 
 
 def server_command(args, port: int, adapters: list[str], sizing) -> list[str]:

@@ -3,6 +3,7 @@
 #
 #   LORAPLEX_MAX_LORAS=8        ->  --max-loras 8        (every name in VALUE_FLAGS, upper-cased, - as _)
 #   LORAPLEX_ENFORCE_EAGER=1    ->  --enforce-eager      (every name in SWITCH_FLAGS; 1, true or yes)
+#   LORAPLEX_SPECIALIZE_ACTIVE_LORA=0 -> --no-specialize-active-lora (ON_OFF_FLAGS: 1/true/yes on, 0/false/no off)
 #
 # Unset or empty variables are left out, so loraplex's own defaults apply. API keys are no flags: loraplex
 # reads LORAPLEX_API_KEYS (comma-separated) and LORAPLEX_ADMIN_KEY itself, so they never appear in `ps`.
@@ -14,6 +15,7 @@ VALUE_FLAGS="base-model adapters-dir host port platform aliases allowed-adapter-
   scan-interval dtype seed tensor-parallel-size pipeline-parallel-size distributed-executor-backend
   gpu-memory-utilization kv-cache-gb"
 SWITCH_FLAGS="enforce-eager log-requests"
+ON_OFF_FLAGS="specialize-active-lora"
 
 if [[ "${1:-}" == "serve" ]]; then
   shift
@@ -32,6 +34,14 @@ for flag in $SWITCH_FLAGS; do
   var="${var^^}"
   case "${!var:-}" in
     1 | true | yes) args+=("--$flag") ;;
+  esac
+done
+for flag in $ON_OFF_FLAGS; do
+  var="LORAPLEX_${flag//-/_}"
+  var="${var^^}"
+  case "${!var:-}" in
+    1 | true | yes) args+=("--$flag") ;;
+    0 | false | no) args+=("--no-$flag") ;;
   esac
 done
 

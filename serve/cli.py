@@ -57,7 +57,7 @@ def serve(
     specialize_active_lora: Annotated[Optional[bool], typer.Option(
         help="LoRA kernel grids and CUDA graphs per count of adapters in a batch (powers of 2), so a batch pays "
         "for the adapters it uses rather than for every slot; more CUDA graphs to capture at start. "
-        "Default: vLLM's.")] = None,
+        "Default: on where CUDA graphs run (GPU without --enforce-eager).")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length. Default: the model's.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(
         help="Sequences the engine runs at once. Default: vLLM's.")] = None,

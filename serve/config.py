@@ -38,7 +38,7 @@ class ServeConfig:
     """Highest adapter rank served (`--max-lora-rank`), rounded up to a rank vLLM supports. None: from the registry."""
     specialize_active_lora: bool | None = None
     """LoRA kernel grids and CUDA graphs per count of adapters in a batch (`--specialize-active-lora`), so a batch
-    pays for the adapters it uses rather than for every slot. None: vLLM's default."""
+    pays for the adapters it uses rather than for every slot. None: on with CUDA graphs on GPU, else vLLM's default."""
     max_model_len: int | None = None
     """Context length (`--max-model-len`). None: the model's own."""
     max_num_seqs: int | None = None

@@ -91,7 +91,8 @@ def entrypoint_flags(list_name: str) -> list[str]:
 
 def entrypoint_variables() -> set[str]:
     return {"LORAPLEX_" + flag.upper().replace("-", "_")
-            for flag in entrypoint_flags("VALUE_FLAGS") + entrypoint_flags("SWITCH_FLAGS")}
+            for flag in entrypoint_flags("VALUE_FLAGS") + entrypoint_flags("SWITCH_FLAGS")
+            + entrypoint_flags("ON_OFF_FLAGS")}
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:
@@ -364,8 +365,11 @@ def test_entrypoint_flags_are_real_serve_flags():
         assert not options[f"--{flag}"].is_flag, f"--{flag} takes no value"
     for flag in entrypoint_flags("SWITCH_FLAGS"):
         assert options[f"--{flag}"].is_flag, f"--{flag} takes a value"
+    for flag in entrypoint_flags("ON_OFF_FLAGS"):
+        assert options[f"--{flag}"].secondary_opts == [f"--no-{flag}"], f"--{flag} has no --no-{flag}"
     # every value option is reachable from the environment; keys only through loraplex's own variables
-    covered = {f"--{f}" for f in entrypoint_flags("VALUE_FLAGS") + entrypoint_flags("SWITCH_FLAGS")}
+    covered = {f"--{f}" for f in entrypoint_flags("VALUE_FLAGS") + entrypoint_flags("SWITCH_FLAGS")
+               + entrypoint_flags("ON_OFF_FLAGS")}
     by_env = {flag for flag, o in options.items() if o.envvar}
     assert by_env == {"--api-key", "--api-keys-file", "--admin-key"}
     assert set(options) - {"--help"} == covered | by_env
@@ -379,7 +383,8 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
     env = {"LORAPLEX_BASE_MODEL": str(base), "LORAPLEX_ADAPTERS_DIR": str(tmp_path), "LORAPLEX_PORT": "0",
            "LORAPLEX_MAX_QUEUE": "0", "LORAPLEX_TENSOR_PARALLEL_SIZE": "0", "LORAPLEX_PIPELINE_PARALLEL_SIZE": "0",
            "LORAPLEX_DISTRIBUTED_EXECUTOR_BACKEND": "nccl", "LORAPLEX_PLATFORM": "azure",
-           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "sh0rt,long-enough-key"}
+           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "sh0rt,long-enough-key",
+           "LORAPLEX_SPECIALIZE_ACTIVE_LORA": "0"}
     # SageMaker starts the image with `serve`; it is dropped. Every setting reaches its flag: the server refuses
     # to start and names each one.
     result = run_entrypoint(env, "serve")
@@ -389,6 +394,7 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
                      "missing.yaml: no such file", "--api-key/--admin-key values need at least 8 characters"):
         assert expected in result.stderr
     assert "sh0rt" not in result.stderr  # the key itself is never echoed
+    assert "No such option" not in result.stderr  # --no-specialize-active-lora is a real flag
 
 
 def test_entrypoint_accepts_every_setting_it_maps():

@@ -159,6 +159,26 @@ def test_engine_args_reach_vllm(base_model_dir):
     assert defaults.max_model_len is None and defaults.max_num_seqs is None
 
 
+def test_lora_grids_follow_the_active_adapters_where_cuda_graphs_run(tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from loraplex.serve.engine import engine_args_from, specialize_active_lora
+
+    loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
+    assert engine_args_from(_config(tmp_path), loras, cpu=False).specialize_active_lora is True
+    vllm_default = AsyncEngineArgs.specialize_active_lora
+    assert engine_args_from(_config(tmp_path), loras, cpu=True).specialize_active_lora == vllm_default
+    assert engine_args_from(_config(tmp_path, enforce_eager=True), loras, cpu=False).specialize_active_lora \
+        == vllm_default
+    assert engine_args_from(_config(tmp_path, specialize_active_lora=False), loras,
+                            cpu=False).specialize_active_lora is False
+    assert engine_args_from(_config(tmp_path, specialize_active_lora=True), loras, cpu=True).specialize_active_lora
+    # a vLLM without the setting: left out by default, a clear error when asked for
+    assert specialize_active_lora(_config(tmp_path), cpu=False, supported=False) is None
+    with pytest.raises(LoraplexError, match="newer vLLM"):
+        specialize_active_lora(_config(tmp_path, specialize_active_lora=True), cpu=False, supported=False)
+
+
 # ---------------------------------------------------------------- adapter manager: LoRA id versions
 
 BASE_MODULES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
