@@ -29,19 +29,12 @@ for flag in $VALUE_FLAGS; do
     args+=("--$flag" "${!var}")
   fi
 done
-for flag in $SWITCH_FLAGS; do
+for flag in $SWITCH_FLAGS $ON_OFF_FLAGS; do
   var="LORAPLEX_${flag//-/_}"
   var="${var^^}"
   case "${!var:-}" in
     1 | true | yes) args+=("--$flag") ;;
-  esac
-done
-for flag in $ON_OFF_FLAGS; do
-  var="LORAPLEX_${flag//-/_}"
-  var="${var^^}"
-  case "${!var:-}" in
-    1 | true | yes) args+=("--$flag") ;;
-    0 | false | no) args+=("--no-$flag") ;;
+    0 | false | no) if [[ " $ON_OFF_FLAGS " == *" $flag "* ]]; then args+=("--no-$flag"); fi ;;
   esac
 done
 

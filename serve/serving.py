@@ -340,32 +340,15 @@ class Serving:
             scope.close()
 
     def _chat_stream(self, request, scope, outputs, request_id) -> AsyncIterator[str]:
-        include_usage = request.include_usage()
-        chunk = _chunk_writer(ChatCompletionChunk, request_id, scope.target.model, include_usage)
-        tokens = _TokenCount()
+        def chunks(p: int, step: list) -> list[list[ChatChunkChoice]]:
+            # a choice's first chunk carries only its role, as OpenAI's do
+            out = [[ChatChunkChoice(index=o.index, delta=ChatDelta(role="assistant", content=""))]
+                   for o, first in step if first]
+            content = [ChatChunkChoice(index=o.index, delta=ChatDelta(content=o.text), finish_reason=o.finish_reason)
+                       for o, _ in step if o.text or o.finish_reason]
+            return out + [content] if content else out
 
-        async def events() -> AsyncIterator[str]:
-            started: set[int] = set()
-            async for _, out in outputs:
-                if out.prompt_token_ids is not None:
-                    tokens.prompt[0] = len(out.prompt_token_ids)
-                choices = []
-                for o in out.outputs:
-                    if o.index not in started:
-                        started.add(o.index)
-                        yield chunk([ChatChunkChoice(index=o.index, delta=ChatDelta(role="assistant", content=""))])
-                    if o.token_ids:
-                        scope.first_token()
-                    tokens.completion += len(o.token_ids)
-                    if o.text or o.finish_reason:
-                        choices.append(ChatChunkChoice(index=o.index, delta=ChatDelta(content=o.text),
-                                                       finish_reason=o.finish_reason))
-                if choices:
-                    yield chunk(choices)
-            if include_usage:
-                yield chunk([], tokens.usage())
-
-        return self._sse(scope, outputs, events(), tokens)
+        return self._stream(request, scope, outputs, request_id, ChatCompletionChunk, chunks)
 
     # ---------------------------------------------------------------- completion responses
 
@@ -383,28 +366,26 @@ class Serving:
             scope.close()
 
     def _completion_stream(self, request, scope, outputs, request_id, echoes) -> AsyncIterator[str]:
+        def chunks(p: int, step: list) -> list[list[CompletionChoice]]:
+            texts = [(o, echoes[p] + o.text if first else o.text) for o, first in step]  # echo once per choice
+            choices = [CompletionChoice(index=p * request.n + o.index, text=text, finish_reason=o.finish_reason)
+                       for o, text in texts if text or o.finish_reason]
+            return [choices] if choices else []
+
+        return self._stream(request, scope, outputs, request_id, CompletionResponse, chunks)
+
+    # ---------------------------------------------------------------- streaming
+
+    def _stream(self, request, scope, outputs, request_id, body_type, chunks) -> AsyncIterator[str]:
+        """A streamed response: `chunks(prompt index, step)` turns each engine step into the choices of zero or
+        more chunks; the usage chunk closes the stream when the client asked for it."""
         include_usage = request.include_usage()
-        chunk = _chunk_writer(CompletionResponse, request_id, scope.target.model, include_usage)
+        chunk = _chunk_writer(body_type, request_id, scope.target.model, include_usage)
         tokens = _TokenCount()
 
         async def events() -> AsyncIterator[str]:
-            echoed: set[int] = set()
-            async for p, out in outputs:
-                if out.prompt_token_ids is not None:
-                    tokens.prompt[p] = len(out.prompt_token_ids)
-                choices = []
-                for o in out.outputs:
-                    index = p * request.n + o.index
-                    text = o.text
-                    if index not in echoed:
-                        echoed.add(index)
-                        text = echoes[p] + text
-                    if o.token_ids:
-                        scope.first_token()
-                    tokens.completion += len(o.token_ids)
-                    if text or o.finish_reason:
-                        choices.append(CompletionChoice(index=index, text=text, finish_reason=o.finish_reason))
-                if choices:
+            async for p, step in _stream_steps(outputs, scope, tokens):
+                for choices in chunks(p, step):
                     yield chunk(choices)
             if include_usage:
                 yield chunk([], tokens.usage())
@@ -455,6 +436,23 @@ class _TokenCount:
     def usage(self) -> Usage:
         prompt = sum(self.prompt.values())
         return Usage(prompt_tokens=prompt, completion_tokens=self.completion, total_tokens=prompt + self.completion)
+
+
+async def _stream_steps(outputs: AsyncIterator, scope, tokens: _TokenCount) -> AsyncIterator:
+    """The engine's streamed outputs as (prompt index, [(output, first output of its choice)]) per step, with
+    the request's token counts and first-token time kept up to date: what both streaming endpoints share."""
+    seen: set[tuple[int, int]] = set()
+    async for p, out in outputs:
+        if out.prompt_token_ids is not None:
+            tokens.prompt[p] = len(out.prompt_token_ids)
+        step = []
+        for o in out.outputs:
+            if o.token_ids:
+                scope.first_token()
+            tokens.completion += len(o.token_ids)
+            step.append((o, (p, o.index) not in seen))
+            seen.add((p, o.index))
+        yield p, step
 
 
 # ---------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -231,10 +232,16 @@ def publish(src_builder, registry: Path, name: str, tmp: Path) -> None:
     os.rename(staged, registry / name)
 
 
-def test_each_version_gets_a_new_lora_id_and_old_ones_leave_after_their_requests(tmp_path):
+@pytest.fixture
+def registry_scratch_engine(tmp_path):
+    """An empty registry, a scratch folder where `publish` stages versions, and an engine that records loads."""
     registry, scratch = tmp_path / "registry", tmp_path / "scratch"
     registry.mkdir(), scratch.mkdir()
-    engine = RecordingEngine()
+    return registry, scratch, RecordingEngine()
+
+
+def test_each_version_gets_a_new_lora_id_and_old_ones_leave_after_their_requests(registry_scratch_engine):
+    registry, scratch, engine = registry_scratch_engine
 
     async def scenario():
         m = manager(registry, engine)
@@ -260,10 +267,8 @@ def test_each_version_gets_a_new_lora_id_and_old_ones_leave_after_their_requests
     asyncio.run(scenario())
 
 
-def test_unload_hides_until_a_new_version_and_frees_the_slot(tmp_path):
-    registry, scratch = tmp_path / "registry", tmp_path / "scratch"
-    registry.mkdir(), scratch.mkdir()
-    engine = RecordingEngine()
+def test_unload_hides_until_a_new_version_and_frees_the_slot(registry_scratch_engine):
+    registry, scratch, engine = registry_scratch_engine
 
     async def scenario():
         m = manager(registry, engine)
@@ -279,17 +284,11 @@ def test_unload_hides_until_a_new_version_and_frees_the_slot(tmp_path):
         assert "a" not in m.current
         publish(write_adapter, registry, "a", scratch)
         assert (await m.resolve("a")).lora_id != v1.lora_id
-        shutil_rmtree(registry / "a")
+        shutil.rmtree(registry / "a")
         await m.scan()
         assert "a" not in m.current
 
     asyncio.run(scenario())
-
-
-def shutil_rmtree(path):
-    import shutil
-
-    shutil.rmtree(path)
 
 
 @pytest.mark.parametrize("build, reason", [
