@@ -307,12 +307,17 @@ def create_app(serving: Serving) -> FastAPI:
 
 # ---------------------------------------------------------------- lifecycle
 
-async def _rescan_forever(serving: Serving, interval: float) -> None:
+async def _rescan_forever(serving: Serving, interval: float, changed: asyncio.Event) -> None:
+    """Scan the registry and re-read the aliases every `interval` seconds, or at once when `changed` is set."""
     from loraplex.serve.aliases import load_aliases
 
     aliases_mtime = _mtime(serving.config.aliases_file)
     while True:
-        await asyncio.sleep(interval)
+        try:
+            await asyncio.wait_for(changed.wait(), interval)
+        except TimeoutError:
+            pass
+        changed.clear()
         try:
             await serving.adapters.scan()
             mtime = _mtime(serving.config.aliases_file)
@@ -322,6 +327,24 @@ async def _rescan_forever(serving: Serving, interval: float) -> None:
                 log.info("aliases reloaded from %s", serving.config.aliases_file)
         except Exception as e:  # a bad file must not stop the scanning; it is logged and retried
             log.warning("registry scan failed: %s", e)
+
+
+async def _watch_for_changes(path: Path, changed: asyncio.Event, *, file: Path | None = None) -> None:
+    """Set `changed` as soon as the filesystem reports a change under `path` (inotify and the like, through
+    watchfiles), or only to `file` in it, so that an adapter published into the registry is loaded before its
+    first request rather than by it (about 0.1 s for an 8B model's rank-16 adapter on a GPU). The periodic scan
+    stays: network and some container filesystems report nothing."""
+    try:
+        from watchfiles import awatch
+
+        # a file's directory, not the file: editors and atomic writers replace the file with a new one
+        async for _ in awatch(path, recursive=file is None, ignore_permission_denied=True,
+                              watch_filter=None if file is None else lambda _, changed_path: Path(changed_path) == file):
+            changed.set()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # e.g. no inotify watches left: the periodic scan still runs
+        log.warning("not watching %s for changes (%s); scanning every --scan-interval only", file or path, e)
 
 
 async def _exit_when_engine_dies(serving: Serving, server) -> None:
@@ -359,6 +382,7 @@ async def run(config: ServeConfig) -> None:
     tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras)
     scanner = watchdog = None
+    watchers: list[asyncio.Task] = []
     try:
         adapters = AdapterManager(config.adapters_dir, engine, base_module_shapes(config.model_path),
                                   loras.max_lora_rank, allowed_roots=config.allowed_adapter_roots)
@@ -367,7 +391,12 @@ async def run(config: ServeConfig) -> None:
         await adapters.scan()
         metrics.bind(lambda: eng.unfinished_requests(engine), lambda: len(adapters.current),
                      lambda: len(adapters.unavailable))
-        scanner = asyncio.create_task(_rescan_forever(serving, config.scan_interval))
+        changed = asyncio.Event()
+        scanner = asyncio.create_task(_rescan_forever(serving, config.scan_interval, changed))
+        watchers = [asyncio.create_task(_watch_for_changes(config.adapters_dir, changed))]
+        if config.aliases_file is not None:
+            aliases_file = config.aliases_file.resolve()
+            watchers.append(asyncio.create_task(_watch_for_changes(aliases_file.parent, changed, file=aliases_file)))
         log.info("serving %s and %d adapter(s) on http://%s:%d", config.served_name, len(adapters.current),
                  config.host, config.port)
         server = uvicorn.Server(uvicorn.Config(create_app(serving), host=config.host, port=config.port,
@@ -381,7 +410,7 @@ async def run(config: ServeConfig) -> None:
         watchdog = asyncio.create_task(_exit_when_engine_dies(serving, server))
         await server.serve()
     finally:
-        for task in (scanner, watchdog):
+        for task in (scanner, watchdog, *watchers):
             if task is not None:
                 task.cancel()
         log.info("stopping the engine")

@@ -33,6 +33,7 @@ ADMIN_KEY = "test-admin-key-1"
 BASE = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
 MAX_QUEUE = 16
+ALIASES = "support-bot: {a1: 0.5, a2: 0.5}\n"
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +72,22 @@ def extra_root(tmp_path_factory, adapter_sources) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(base_model_dir, registry, extra_root, tmp_path_factory) -> str:
+def aliases(tmp_path_factory) -> Path:
     aliases = tmp_path_factory.mktemp("aliases") / "aliases.yaml"
-    aliases.write_text("support-bot: {a1: 0.5, a2: 0.5}\n")
+    aliases.write_text(ALIASES)
+    return aliases
+
+
+@pytest.fixture(scope="module")
+def server(base_model_dir, registry, extra_root, aliases) -> str:
     # The rank limit is explicit, so the rank-64 adapter is refused rather than sizing the engine for it.
+    # An hourly periodic scan: what the tests see of registry changes comes from requests, listings and the
+    # server's watch on its registry and aliases file.
     # float32: in bf16 the rounding differs with the batch's make-up, and a greedy choice between two
     # near-equal tokens of a random adapter could flip; the tests compare answers across batches.
     with running_server(base_model_dir, registry, "--dtype", "float32", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
                         "--allowed-adapter-root", extra_root, "--aliases", aliases, "--max-lora-rank", "16",
-                        "--max-queue", MAX_QUEUE, "--max-model-len", "2048", "--scan-interval", "0.5") as url:
+                        "--max-queue", MAX_QUEUE, "--max-model-len", "2048", "--scan-interval", "3600") as url:
         yield url
 
 
@@ -262,6 +270,31 @@ def test_hot_load_replace_and_unload(client, http, registry, adapter_sources):
 
     publish(adapter_sources["a1"], registry, "hot")  # a new version brings it back
     assert chat(client, "hot").choices[0].message.content == a1_answer
+
+
+def test_published_adapter_is_loaded_before_anyone_asks(server, registry, adapter_sources):
+    """The server watches its registry: an adapter published into it is loaded without a request or a listing
+    (this server's periodic scan runs once an hour), and an adapter removed from it leaves the engine."""
+    publish(adapter_sources["a2"], registry, "watched")
+    assert wait_until(lambda: "adapter watched loaded" in server_log(server)), "not loaded until asked for"
+    shutil.rmtree(registry / "watched")
+    assert wait_until(lambda: re.search(r"adapter watched: LoRA id \d+ removed", server_log(server))), \
+        "a removed adapter stayed in the engine"
+
+
+def test_aliases_file_is_reread_when_replaced(http, aliases):
+    def alias_names() -> set[str]:
+        return {m["id"] for m in http.get("/v1/models").json()["data"] if m.get("kind") == "alias"}
+
+    assert alias_names() == {"support-bot"}
+    try:
+        staged = aliases.with_name(".aliases.yaml.new")  # replaced the way editors and config tools do it
+        staged.write_text(ALIASES + "canary: {a1: 0.9, a2: 0.1}\n")
+        os.replace(staged, aliases)
+        assert wait_until(lambda: alias_names() == {"support-bot", "canary"}), "aliases not re-read"
+    finally:
+        aliases.write_text(ALIASES)
+    assert wait_until(lambda: alias_names() == {"support-bot"})
 
 
 def test_register_via_post(client, http, extra_root, adapter_sources, tmp_path):
