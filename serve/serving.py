@@ -307,6 +307,15 @@ class Serving:
                 for i, ids in enumerate(prompts)]
         return _indexed(gens[0]) if len(gens) == 1 else _merge(gens)
 
+    def _client_went_away(self, scope: RequestScope) -> None:
+        scope.status = 499  # nginx's "client closed request": the request was aborted in the engine
+        self.metrics.aborted.labels(scope.target.model).inc()
+
+    def _generation_failed(self, scope: RequestScope, e: Exception) -> APIError:
+        error = generation_error(e)
+        scope.status = error.status
+        return error
+
     async def _collect(self, scope: RequestScope, outputs: AsyncIterator):
         """Final outputs per prompt for a non-streaming request; errors become APIErrors."""
         finals = {}
@@ -314,13 +323,10 @@ class Serving:
             async for index, out in outputs:
                 finals[index] = out
         except asyncio.CancelledError:
-            scope.status = 499
-            self.metrics.aborted.labels(scope.target.model).inc()
+            self._client_went_away(scope)
             raise
         except Exception as e:
-            error = generation_error(e)
-            scope.status = error.status
-            raise error from None
+            raise self._generation_failed(scope, e) from None
         finally:
             await outputs.aclose()
         return [finals[i] for i in sorted(finals)]
@@ -401,13 +407,10 @@ class Serving:
                 yield event
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
-            scope.status = 499
-            self.metrics.aborted.labels(scope.target.model).inc()
+            self._client_went_away(scope)
             raise
         except Exception as e:
-            error = generation_error(e)
-            scope.status = error.status
-            yield sse_error(error)
+            yield sse_error(self._generation_failed(scope, e))
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
