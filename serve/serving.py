@@ -382,29 +382,21 @@ class Serving:
 
     # ---------------------------------------------------------------- streaming
 
-    def _stream(self, request, scope, outputs, request_id, body_type, chunks) -> AsyncIterator[str]:
+    async def _stream(self, request, scope, outputs, request_id, body_type, chunks) -> AsyncIterator[str]:
         """A streamed response: `chunks(prompt index, step)` turns each engine step into the choices of zero or
-        more chunks; the usage chunk closes the stream when the client asked for it."""
+        more chunks; a usage chunk when the client asked for it, then `[DONE]`. An error while generating becomes
+        one OpenAI-shaped error event (the status line is long gone); a client that goes away aborts the request
+        in the engine; the request's tokens are recorded however it ends."""
         include_usage = request.include_usage()
         chunk = _chunk_writer(body_type, request_id, scope.target.model, include_usage)
         tokens = _TokenCount()
-
-        async def events() -> AsyncIterator[str]:
-            async for p, step in _stream_steps(outputs, scope, tokens):
+        steps = _stream_steps(outputs, scope, tokens)
+        try:
+            async for p, step in steps:
                 for choices in chunks(p, step):
                     yield chunk(choices)
             if include_usage:
                 yield chunk([], tokens.usage())
-
-        return self._sse(scope, outputs, events(), tokens)
-
-    async def _sse(self, scope, outputs, events: AsyncIterator[str], tokens: _TokenCount) -> AsyncIterator[str]:
-        """What both streaming endpoints share around their chunks: `[DONE]` at the end; an error while
-        generating becomes one OpenAI-shaped error event (the status line is long gone); a client that goes
-        away aborts the request in the engine; the request's tokens are recorded however it ends."""
-        try:
-            async for event in events:
-                yield event
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             self._client_went_away(scope)
@@ -413,9 +405,10 @@ class Serving:
             yield sse_error(self._generation_failed(scope, e))
             yield "data: [DONE]\n\n"
         finally:
-            await events.aclose()
+            await steps.aclose()
             await outputs.aclose()
-            scope.close(sum(tokens.prompt.values()), tokens.completion)
+            usage = tokens.usage()
+            scope.close(usage.prompt_tokens, usage.completion_tokens)
 
 
 def _chunk_writer(body_type, request_id: str, model: str, include_usage: bool):
