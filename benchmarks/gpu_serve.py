@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -185,12 +184,6 @@ def summarize(records: list[dict], output_len: int) -> dict:
 
 # ---------------------------------------------------------------- servers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vllm_lora_flags(sizing) -> list[str]:
     """vLLM server flags for the LoRA settings `loraplex serve` uses on a GPU (specialize-active-lora is its
     default there)."""
@@ -219,47 +212,36 @@ def server_command(args, port: int, adapters: list[str], sizing) -> list[str]:
 
 
 class Server:
+    """The server under test, started, awaited and stopped by loraplex's own helpers (loraplex/server_process.py);
+    here only the pid file gpu_run.sh uses to stop a server whose benchmark was killed."""
+
     def __init__(self, cmd: list[str], port: int, log_path: Path):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.log_path, "w")
         log("starting:", " ".join(cmd[:14]), "..." if len(cmd) > 14 else "")
-        # its own process group, so that stopping it stops vLLM's engine core too
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        if os.environ.get("BENCH_SERVER_PIDS"):  # gpu_run.sh stops a server a cut-off run left behind
+        with open(self.log_path, "w") as log_file:  # its own process group: stopping it stops vLLM's engine core
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        if os.environ.get("BENCH_SERVER_PIDS"):
             with open(os.environ["BENCH_SERVER_PIDS"], "a") as f:
                 f.write(f"{self.proc.pid}\n")
 
     def wait_ready(self, timeout_s: float) -> float:
-        import httpx
+        from loraplex.server_process import wait_ready
 
         started = time.time()
-        while time.time() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                   + self.log_tail())
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return time.time() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise RuntimeError(f"server not ready after {timeout_s:.0f}s; log: {self.log_path}\n" + self.log_tail())
+        wait_ready(self.proc, self.url + "/v1/models", self.log_path, timeout_s, what="the server under test")
+        return time.time() - started
 
-    def log_tail(self, lines: int = 40) -> str:
-        self.log_file.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+    def log_tail(self) -> str:
+        from loraplex.server_process import log_tail
+
+        return log_tail(self.log_path)
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log_file.close()
+        from loraplex.server_process import stop
+
+        stop(self.proc, grace=20)
 
 
 def base_model_name(args) -> str:
@@ -339,6 +321,8 @@ def bench(args) -> dict:
     adapters = sorted(a.name for a in found)
     sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
     base = base_model_name(args)
+    from loraplex.server_process import free_port
+
     port = free_port()
     server = Server(server_command(args, port, adapters, sizing), port, args.server_log)
     client = LoadClient(args.client_processes)
