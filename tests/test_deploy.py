@@ -102,11 +102,13 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
-def run_entrypoint(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """The real entrypoint script, with this environment's `loraplex` on PATH."""
+def run_entrypoint(env: dict[str, str], *args: str, trace: bool = False) -> subprocess.CompletedProcess:
+    """The real entrypoint script, with this environment's `loraplex` on PATH (`trace`: bash -x, so stderr shows
+    the command it runs)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     path = f"{Path(sys.executable).parent}{os.pathsep}{clean.get('PATH', '')}"
-    return subprocess.run(["bash", str(ENTRYPOINT), *args], env={**clean, "PATH": path, **env},
+    return subprocess.run(["bash", *(["-x"] if trace else []), str(ENTRYPOINT), *args],
+                          env={**clean, "PATH": path, **env},
                           capture_output=True, text=True, timeout=120)
 
 
@@ -376,6 +378,16 @@ def test_entrypoint_flags_are_real_serve_flags():
     assert {options[flag].envvar for flag in by_env} == READ_BY_LORAPLEX - {"LORAPLEX_HOME"}
 
 
+@pytest.mark.parametrize("value, flag", [("0", "--no-specialize-active-lora"), ("false", "--no-specialize-active-lora"),
+                                         ("1", "--specialize-active-lora"), ("", None)])
+def test_entrypoint_on_off_flags_turn_on_off_or_keep_the_default(value, flag):
+    # --help after the flags: loraplex parses them (an unknown one fails) and exits without serving
+    result = run_entrypoint({"LORAPLEX_SPECIALIZE_ACTIVE_LORA": value}, "--help", trace=True)
+    assert result.returncode == 0, result.stderr
+    (command,) = [line for line in result.stderr.splitlines() if line.startswith("+ exec loraplex serve")]
+    assert re.findall(r"--\S*specialize-active-lora", command) == ([flag] if flag else [])
+
+
 def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
     base = tmp_path / "model"
     base.mkdir()
@@ -383,8 +395,7 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
     env = {"LORAPLEX_BASE_MODEL": str(base), "LORAPLEX_ADAPTERS_DIR": str(tmp_path), "LORAPLEX_PORT": "0",
            "LORAPLEX_MAX_QUEUE": "0", "LORAPLEX_TENSOR_PARALLEL_SIZE": "0", "LORAPLEX_PIPELINE_PARALLEL_SIZE": "0",
            "LORAPLEX_DISTRIBUTED_EXECUTOR_BACKEND": "nccl", "LORAPLEX_PLATFORM": "azure",
-           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "sh0rt,long-enough-key",
-           "LORAPLEX_SPECIALIZE_ACTIVE_LORA": "0"}
+           "LORAPLEX_ALIASES": str(tmp_path / "missing.yaml"), "LORAPLEX_API_KEYS": "sh0rt,long-enough-key"}
     # SageMaker starts the image with `serve`; it is dropped. Every setting reaches its flag: the server refuses
     # to start and names each one.
     result = run_entrypoint(env, "serve")
@@ -394,7 +405,6 @@ def test_entrypoint_runs_loraplex_serve_with_env_settings(tmp_path):
                      "missing.yaml: no such file", "--api-key/--admin-key values need at least 8 characters"):
         assert expected in result.stderr
     assert "sh0rt" not in result.stderr  # the key itself is never echoed
-    assert "No such option" not in result.stderr  # --no-specialize-active-lora is a real flag
 
 
 def test_entrypoint_accepts_every_setting_it_maps():
