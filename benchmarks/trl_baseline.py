@@ -15,16 +15,17 @@ def train_with_trl_directly(config, base_path: Path, precision: str, callbacks: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from loraplex.train.trainer import choose_optimizer, data_files, detect_device, load_rows
+    from loraplex.train.trainer import batching, choose_optimizer, data_files, detect_device, load_rows
 
     device, _ = detect_device()
+    _, batch_size = batching(config.model_copy(update={"packing": False}), device)  # 'auto' as unpacked rows
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), quantization_config=quantization, dtype=dtype,
                                                  device_map={"": 0} if device == "cuda" else {"": "cpu"})
     args = SFTConfig(output_dir=str(output_dir), seed=config.seed, max_steps=config.max_steps,
-                     per_device_train_batch_size=config.batch_size,
+                     per_device_train_batch_size=batch_size,
                      gradient_accumulation_steps=config.gradient_accumulation_steps,
                      learning_rate=config.learning_rate, lr_scheduler_type="constant",
                      max_grad_norm=config.max_grad_norm, optim=choose_optimizer(config, device),
