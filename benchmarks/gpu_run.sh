@@ -7,7 +7,10 @@
 #   prepare         make the random 8B model and 256 + 8 adapters (the tokenizer is added once unpacked)
 #   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
-#   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone
+#   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone ($RUN_TAG
+#                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER)
+#   tune-lora       tune vLLM's LoRA shrink/expand kernels for ${SLOTS:-16} slots into $LORA_CONFIGS (for
+#                   VLLM_TUNED_CONFIG_FOLDER), within ${TUNE_BUDGET_S:-240} s of search
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
 #   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
@@ -20,7 +23,7 @@ mkdir -p "$OUT" "$WORK"
 # PYTHONSAFEPATH: `python -m loraplex` must not import this tree's loraplex/ (which lacks serve/, train/...)
 export PYTHONSAFEPATH=1 PYTHONPATH=$SITE:$WORK/lp PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
   DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false LORAPLEX_HOME=$WORK/home BENCH_SERVER_PIDS=$WORK/server.pids
-MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters
+MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters LORA_CONFIGS=${LORA_CONFIGS:-$WORK/lora-configs}
 KEEP=${KEEP:-/tmp/keep}
 STARTED=$(date +%s)
 BENCH_ARGS=${BENCH_ARGS:-}  # extra gpu_serve.py bench flags, for dry runs on CPU
@@ -106,13 +109,23 @@ step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   setup || return 1
   stop_leftover_servers
   local slots=${SLOTS:-256} flags=(${SERVER_ARGS:-}) tag
-  tag=$(echo "maxloras$slots${SERVER_ARGS:-}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
-  say "loraplex serve --max-loras $slots ${SERVER_ARGS:-}"
+  tag=$(echo "maxloras$slots${SERVER_ARGS:-}${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
+  say "loraplex serve --max-loras $slots ${SERVER_ARGS:-} ${RUN_TAG:-}"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "$slots" \
-    "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}" \
+    "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}${RUN_TAG:+ ($RUN_TAG)}" \
     --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
     --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" $BENCH_ARGS
   stop_leftover_servers
+}
+
+step_tune_lora() {
+  setup || return 1
+  [ -f "$MODEL/config.json" ] || step_prepare || return 1
+  say "tuning LoRA kernels for ${SLOTS:-16} slots into $LORA_CONFIGS"
+  timeout "$(left)" env -u VLLM_TUNED_CONFIG_FOLDER python3 benchmarks/gpu_lora_tune.py --model-dir "$MODEL" --max-loras "${SLOTS:-16}" \
+    --time-budget-s "${TUNE_BUDGET_S:-240}" --out-dir "$LORA_CONFIGS" 2>&1 | grep -v -i "warn" | tail -60
+  cp "$LORA_CONFIGS"/*.json "$OUT"/ 2>/dev/null
+  return 0
 }
 
 step_detach() {
@@ -161,6 +174,7 @@ while [ $# -gt 0 ]; do
     serve-baseline) step_serve_baseline 2>&1 | tee -a "$OUT/serve-baseline.log" ;;
     serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
     serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
+    tune-lora) step_tune_lora 2>&1 | tee -a "$OUT/tune-lora.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
     detach) step_detach "$@"; exit 0 ;;
     wait) step_wait "$1"; shift ;;

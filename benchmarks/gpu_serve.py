@@ -374,7 +374,9 @@ def bench(args) -> dict:
                 "max_cpu_loras": sizing.max_cpu_loras, "max_lora_rank": sizing.max_lora_rank,
                 "requests_per_case": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
                 "zipf_exponent": ZIPF_EXPONENT, "client_processes": args.client_processes,
-                "command": " ".join(server_command(args, 0, adapters[:2], sizing)) + " ..."}
+                "command": " ".join(server_command(args, 0, adapters[:2], sizing)) + " ...",
+                "vllm_environment": {k: v for k, v in sorted(os.environ.items())
+                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))}}
     return result_document("serve", cases, settings=settings, **extra)
 
 
