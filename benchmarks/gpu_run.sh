@@ -9,8 +9,8 @@
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
 #   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone ($RUN_TAG
 #                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER)
-#   tune-lora       tune vLLM's LoRA shrink/expand kernels for ${SLOTS:-16} slots into $LORA_CONFIGS (for
-#                   VLLM_TUNED_CONFIG_FOLDER), within ${TUNE_BUDGET_S:-240} s of search
+#   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
+#                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
 #   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
@@ -108,6 +108,7 @@ step_serve_compare() {
 step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   setup || return 1
   stop_leftover_servers
+  step_prepare || return 1  # quick once done; adds the tokenizer to a model made before the parts were unpacked
   local slots=${SLOTS:-256} flags=(${SERVER_ARGS:-}) tag
   tag=$(echo "maxloras$slots${SERVER_ARGS:-}${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
   say "loraplex serve --max-loras $slots ${SERVER_ARGS:-} ${RUN_TAG:-}"
@@ -120,10 +121,10 @@ step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
 
 step_tune_lora() {
   setup || return 1
-  [ -f "$MODEL/config.json" ] || step_prepare || return 1
+  step_prepare || return 1
   say "tuning LoRA kernels for ${SLOTS:-16} slots into $LORA_CONFIGS"
-  timeout "$(left)" env -u VLLM_TUNED_CONFIG_FOLDER python3 benchmarks/gpu_lora_tune.py --model-dir "$MODEL" --max-loras "${SLOTS:-16}" \
-    --time-budget-s "${TUNE_BUDGET_S:-240}" --out-dir "$LORA_CONFIGS" 2>&1 | grep -v -i "warn" | tail -60
+  timeout "$(left)" env -u VLLM_TUNED_CONFIG_FOLDER python3 -m loraplex tune-lora-kernels --base-model "$MODEL" \
+    --max-loras "${SLOTS:-16}" --time-budget "${TUNE_BUDGET_S:-300}" --out "$LORA_CONFIGS" 2>&1 | grep -v -i "warn" | tail -60
   cp "$LORA_CONFIGS"/*.json "$OUT"/ 2>/dev/null
   return 0
 }

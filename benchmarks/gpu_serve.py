@@ -244,6 +244,22 @@ class Server:
         stop(self.proc, grace=20)
 
 
+def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
+    """Give vLLM's server the tuned LoRA kernel configs `loraplex serve` would choose here (it inherits this
+    environment), so that both servers run the same kernels."""
+    import torch
+
+    from loraplex.serve.lora_kernels import ENV_FOLDER, choose_config_folder
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    folder, why = choose_config_folder(None, os.environ.get(ENV_FOLDER), gpu,
+                                       json.loads((Path(model_dir) / "config.json").read_text()), rank)
+    log("LoRA kernel configs for vLLM's server:", why)
+    if folder:
+        os.environ[ENV_FOLDER] = folder
+    return folder
+
+
 def base_model_name(args) -> str:
     from loraplex.models import served_name
 
@@ -321,6 +337,8 @@ def bench(args) -> dict:
     adapters = sorted(a.name for a in found)
     sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
     base = base_model_name(args)
+    if args.server == "vllm":
+        same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
     from loraplex.server_process import free_port
 
     port = free_port()

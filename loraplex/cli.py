@@ -32,7 +32,7 @@ def _register() -> None:
 
     models_app.command("fetch")(models.fetch)
     # --- further commands are registered below, one line each ---
-    from loraplex.serve.cli import serve; app.command("serve")(serve)
+    from loraplex.serve.cli import serve, tune_lora_kernels; app.command("serve")(serve); app.command("tune-lora-kernels")(tune_lora_kernels)
     from loraplex.train import data, examples; data_app.command("prepare")(data.prepare); data_app.command("example")(examples.example)
     from loraplex.eval.cli import eval_command; app.command("eval")(eval_command)
     from loraplex.loadtests.cli import loadtest; app.command("loadtest")(loadtest)

@@ -58,6 +58,10 @@ def serve(
         help="LoRA kernel grids and CUDA graphs per count of adapters in a batch (powers of 2), so a batch pays "
         "for the adapters it uses rather than for every slot; more CUDA graphs to capture at start. "
         "Default: on where CUDA graphs run (GPU without --enforce-eager).")] = None,
+    lora_kernel_configs: Annotated[Optional[str], typer.Option(
+        help="Folder of tuned LoRA kernel configs (what `loraplex tune-lora-kernels --out` writes), or none for "
+        "vLLM's defaults. Default: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where they were "
+        "tuned for this GPU and the model's shapes.")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length. Default: the model's.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(
         help="Sequences the engine runs at once. Default: vLLM's.")] = None,
@@ -104,7 +108,8 @@ def serve(
         admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-        specialize_active_lora=specialize_active_lora, max_model_len=max_model_len,
+        specialize_active_lora=specialize_active_lora, lora_kernel_configs=lora_kernel_configs,
+        max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,
         dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
@@ -120,3 +125,58 @@ def serve(
     from loraplex.serve.app import run
 
     asyncio.run(run(config))
+
+
+def tune_lora_kernels(
+    base_model: Annotated[str, typer.Option(
+        help="Known model name or local Hugging Face model directory whose layer shapes are tuned.")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(
+        help="Folder for the config files; serve with --lora-kernel-configs FOLDER.")] = Path("lora-kernel-configs"),
+    max_loras: Annotated[int, typer.Option(help="LoRA slots of the server that will read the files.")] = 16,
+    max_lora_rank: Annotated[int, typer.Option(help="The server's highest adapter rank.")] = 16,
+    batches: Annotated[str, typer.Option(
+        help="Tokens per step to tune for, comma-separated, most important first (vLLM takes the nearest).")]
+    = ",".join(str(m) for m in (256, 512, 128, 64, 16, 1024, 2048, 8192)),
+    passes: Annotated[int, typer.Option(help="Coordinate-descent passes over the kernel parameters.")] = 1,
+    time_budget: Annotated[float, typer.Option(
+        help="Seconds of search; batch sizes not reached keep vLLM's default config.")] = 300,
+) -> None:
+    """Tune vLLM's multi-LoRA kernels for this GPU and the base model's shapes (needs a CUDA GPU)."""
+    import json
+
+    from loraplex.errors import LoraplexError
+    from loraplex.models import resolve_base_model
+
+    problems = []
+    try:
+        sizes = [int(m) for m in batches.split(",")]
+        if any(m < 1 for m in sizes):
+            raise ValueError
+    except ValueError:
+        sizes = []
+        problems.append(f"--batches {batches!r} must be positive whole numbers separated by commas, e.g. 256,512")
+    for flag, value in (("--max-loras", max_loras), ("--max-lora-rank", max_lora_rank), ("--passes", passes),
+                        ("--time-budget", time_budget)):
+        if value <= 0:
+            problems.append(f"{flag} {value} must be positive")
+    if problems:
+        raise LoraplexError("invalid tune-lora-kernels settings:\n  - " + "\n  - ".join(problems),
+                            hint="change the flags named above (loraplex tune-lora-kernels --help)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LoraplexError("tune-lora-kernels needs a CUDA GPU: it times vLLM's Triton LoRA kernels on it",
+                            hint="run it on a machine like the one that will serve, with vllm installed")
+    model_path = resolve_base_model(base_model)
+    _log_to_stderr()
+    from loraplex.serve.lora_kernels import tune
+
+    summary = tune(json.loads((model_path / "config.json").read_text()), out, max_loras, max_lora_rank, sizes,
+                   passes, time_budget)
+    rows = summary["kernels"]
+    if rows:
+        total_default = sum(r["default_us"] for r in rows)
+        total_tuned = sum(r["tuned_us"] for r in rows)
+        print(f"{len(rows)} kernel shapes tuned on {summary['gpu']}: {total_default:.0f} us -> {total_tuned:.0f} us "
+              f"({total_default / total_tuned:.2f}x) over batch sizes {summary['searched_batches']}")
+    print(f"wrote {out}; serve with: loraplex serve --lora-kernel-configs {out} --max-loras {max_loras}")

@@ -39,6 +39,10 @@ class ServeConfig:
     specialize_active_lora: bool | None = None
     """LoRA kernel grids and CUDA graphs per count of adapters in a batch (`--specialize-active-lora`), so a batch
     pays for the adapters it uses rather than for every slot. None: on with CUDA graphs on GPU, else vLLM's default."""
+    lora_kernel_configs: str | None = None
+    """Folder of tuned LoRA kernel configs for vLLM (`--lora-kernel-configs`, as `loraplex tune-lora-kernels` writes
+    them), or "none" for vLLM's defaults. None: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where
+    they were tuned for this GPU and the model's shapes (serve/lora_kernels.py)."""
     max_model_len: int | None = None
     """Context length (`--max-model-len`). None: the model's own."""
     max_num_seqs: int | None = None
@@ -107,6 +111,9 @@ class ServeConfig:
             out.append(f"--aliases {self.aliases_file}: no such file")
         out += [f"--allowed-adapter-root {root}: not a directory" for root in self.allowed_adapter_roots
                 if not root.is_dir()]
+        if self.lora_kernel_configs not in (None, "none") and not Path(self.lora_kernel_configs).is_dir():
+            out.append(f"--lora-kernel-configs {self.lora_kernel_configs}: not a directory (give the folder "
+                       "`loraplex tune-lora-kernels --out` wrote, or none for vLLM's defaults)")
         return out
 
     def any_keys(self) -> bool:

@@ -73,12 +73,44 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
     return AsyncEngineArgs(**kwargs)
 
 
+def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool) -> str | None:
+    """Point vLLM at the tuned LoRA kernel configs this server uses (VLLM_TUNED_CONFIG_FOLDER, read by the engine
+    core it spawns next), or at none; see serve/lora_kernels.py for the choice."""
+    import json
+    import os
+
+    from loraplex.serve.lora_kernels import ENV_FOLDER, choose_config_folder
+
+    gpu_name = None
+    if not cpu:
+        try:
+            from vllm.platforms import current_platform
+
+            gpu_name = current_platform.get_device_name()  # NVML: no CUDA context in this process
+        except Exception as e:  # an unusual platform: vLLM's defaults then
+            log.warning("could not read the GPU's name (%s); LoRA kernels keep vLLM's default configs", e)
+    try:
+        model_config = json.loads((config.model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        model_config = {}
+    folder, why = choose_config_folder(config.lora_kernel_configs, os.environ.get(ENV_FOLDER), gpu_name,
+                                       model_config, loras.max_lora_rank)
+    if folder is None:
+        os.environ.pop(ENV_FOLDER, None)
+    else:
+        os.environ[ENV_FOLDER] = folder
+    log.info("LoRA kernel configs: %s%s", why, f" ({folder})" if folder else "")
+    return folder
+
+
 def build_engine(config: ServeConfig, loras: LoraSizing):
     """Start the engine (its core runs in a child process). Must be called inside the server's event loop."""
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = engine_args_from(config, loras, cpu=on_cpu())
+    cpu = on_cpu()
+    use_lora_kernel_configs(config, loras, cpu=cpu)
+    args = engine_args_from(config, loras, cpu=cpu)
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, "
              "specialize_active_lora=%s)", config.model_path, loras.max_loras, loras.max_cpu_loras,
              loras.max_lora_rank, getattr(args, "specialize_active_lora", None))

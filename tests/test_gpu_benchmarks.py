@@ -15,7 +15,6 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import gpu_common  # noqa: E402
-import gpu_lora_tune  # noqa: E402
 import gpu_serve  # noqa: E402
 import gpu_train  # noqa: E402
 
@@ -164,44 +163,3 @@ def test_run_script_is_valid_bash():
     for script in ("gpu_run.sh", "gpu_stage.sh"):
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
 
-
-def test_lora_tuning_keys_follow_vllms_merged_layers(tmp_path):
-    model = gpu_common.make_model(tmp_path / "model", None, shape="tiny", device="cpu")
-    families = gpu_lora_tune.layer_families(gpu_common.lora_shapes(model))
-    assert families == {"qkv": (256, (256, 128, 128)), "o": (256, (256,)), "gate_up": (256, (512, 512)),
-                        "down": (512, (256,))}
-    keys = gpu_lora_tune.kernel_keys(families, rank=16)
-    # shrink: (slices, hidden in, rank); expand: (slices, rank, widest slice); o and down share an expand shape
-    assert keys["shrink"] == {(3, 256, 16): "qkv", (1, 256, 16): "o", (2, 256, 16): "gate_up", (1, 512, 16): "down"}
-    assert keys["expand"] == {(3, 16, 256): "qkv", (1, 16, 256): "o", (2, 16, 512): "gate_up"}
-
-
-def test_lora_tuning_layout_is_what_vllm_reads():
-    tuned = {(1, 256, 4096, 16): {"block_m": 16}, (1, 512, 4096, 16): {"block_m": 32}, (3, 256, 4096, 16): {"x": 1}}
-    nested = gpu_lora_tune.nest(tuned, max_loras=16)
-    # config[max_loras + 1][num_slices][m][k][n]: vLLM keys by the kernels' lora_ids length (slots + 1)
-    assert nested == {"17": {"1": {"256": {"4096": {"16": {"block_m": 16}}}, "512": {"4096": {"16": {"block_m": 32}}}},
-                             "3": {"256": {"4096": {"16": {"x": 1}}}}}}
-
-
-def test_coordinate_descent_finds_the_best_single_moves():
-    space = {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
-    calls = []
-
-    def cost(config):
-        calls.append(dict(config))
-        if config["b"] == 2:
-            return float("inf")  # a config that fails to build
-        return (config["a"] - 3) ** 2 + (config["b"] - 3) ** 2
-
-    best, best_cost = gpu_lora_tune.coordinate_descent({"a": 1, "b": 1, "fixed": 7}, space, cost, passes=2)
-    assert best == {"a": 3, "b": 3, "fixed": 7} and best_cost == 0
-    assert all(c["fixed"] == 7 for c in calls)
-    # out of time before the first move: the start stays
-    best, _ = gpu_lora_tune.coordinate_descent({"a": 1, "b": 1}, space, cost, deadline=0)
-    assert best == {"a": 1, "b": 1}
-
-
-def test_lora_tuning_arguments():
-    args = gpu_lora_tune.parse_args(["--model-dir", "m", "--out-dir", "o", "--batches", "256,512"])
-    assert (args.max_loras, args.rank, args.batches, args.passes) == (16, 16, [256, 512], 1)

@@ -1,0 +1,147 @@
+"""Tuned LoRA kernel configs (serve/lora_kernels.py): the shipped files are what vLLM reads, the server picks them only
+where they were tuned, and the tuner's search and layout. The kernels themselves need a GPU (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from loraplex.serve import lora_kernels
+from loraplex.serve.config import ServeConfig
+
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+
+
+def test_keys_follow_vllms_merged_layers():
+    families = lora_kernels.layer_families(LLAMA_8B)
+    assert families == {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+                        "down": (14336, (4096,))}
+    keys = lora_kernels.kernel_keys(families, rank=16)
+    # shrink: (slices, hidden in, rank); expand: (slices, rank, widest slice); o and down share an expand shape
+    assert keys["shrink"] == {(3, 4096, 16): "qkv", (1, 4096, 16): "o", (2, 4096, 16): "gate_up",
+                              (1, 14336, 16): "down"}
+    assert keys["expand"] == {(3, 16, 4096): "qkv", (1, 16, 4096): "o", (2, 16, 14336): "gate_up"}
+    gemma = lora_kernels.layer_families({**LLAMA_8B, "head_dim": 256})  # attention wider than the hidden size
+    assert gemma["qkv"] == (4096, (8192, 2048, 2048)) and gemma["o"] == (8192, (4096,))
+    assert lora_kernels.layer_families({"d_model": 512}) is None
+
+
+def test_layout_is_what_vllm_reads():
+    tuned = {(1, 256, 4096, 16): {"block_m": 16}, (1, 512, 4096, 16): {"block_m": 32}, (3, 256, 4096, 16): {"x": 1}}
+    assert lora_kernels.nest(tuned, max_loras=16) == {
+        "17": {"1": {"256": {"4096": {"16": {"block_m": 16}}}, "512": {"4096": {"16": {"block_m": 32}}}},
+               "3": {"256": {"4096": {"16": {"x": 1}}}}}}
+
+
+@pytest.fixture
+def vllm_reads_configs_from(monkeypatch):
+    """vLLM's own config lookup (vllm/lora/ops/triton_ops/utils.py) as on an H200, reading a given folder."""
+    import torch
+    from vllm.lora.ops.triton_ops import utils
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+
+    def use(folder):
+        if folder is None:
+            monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+        else:
+            monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(folder))
+        utils.load_lora_op_config.cache_clear()
+        utils.get_lora_op_configs.cache_clear()
+        return utils.get_lora_op_configs
+
+    yield use
+    utils.load_lora_op_config.cache_clear()
+    utils.get_lora_op_configs.cache_clear()
+
+
+def test_vllm_finds_every_shipped_config(vllm_reads_configs_from):
+    get_configs = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)
+    report = json.loads((lora_kernels.PACKAGED_CONFIGS / "NVIDIA_H200_TUNING_REPORT.json").read_text())
+    keys = lora_kernels.kernel_keys(lora_kernels.layer_families(LLAMA_8B), 16)
+    for m in (1, 16, 100, 256, 300, 512, 4000, 8192, 16384):  # vLLM takes the nearest tuned batch size
+        for slices, k, n in keys["shrink"]:
+            config = get_configs("shrink", 17, m, k, n, slices)
+            assert {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
+        for slices, k, n in keys["expand"]:
+            for add_inputs in (True, False):
+                config = get_configs("expand", 17, m, n, k, slices, add_inputs)
+                assert {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
+    # and it is the tuned config, not vLLM's default, that comes back
+    row = next(r for r in report["kernels"] if r["kernel"] == "expand" and r["layer"] == "gate_up" and r["m"] == 256)
+    assert get_configs("expand", 17, 256, 14336, 16, 2, True) == row["config"]
+    assert row["speedup"] > 1
+    assert vllm_reads_configs_from(None)("expand", 17, 256, 14336, 16, 2, True) != row["config"]
+
+
+def test_server_uses_shipped_configs_only_where_tuned(tmp_path):
+    choose = lora_kernels.choose_config_folder
+    packaged = str(lora_kernels.PACKAGED_CONFIGS)
+    assert choose(None, None, "NVIDIA H200", LLAMA_8B, 16)[0] == packaged
+    assert choose(None, None, "NVIDIA H200", LLAMA_8B, 64)[0] == packaged  # vLLM takes the nearest rank
+    folder, why = choose(None, None, "NVIDIA H200", SMOLLM2, 16)  # shapes never measured
+    assert folder is None and "tune-lora-kernels" in why
+    assert choose(None, None, "NVIDIA A100-SXM4-80GB", LLAMA_8B, 16)[0] is None  # another GPU
+    assert choose(None, None, None, LLAMA_8B, 16)[0] is None  # CPU
+    # the user's choice wins: a flag over the environment over the shipped files; none turns them off
+    assert choose(str(tmp_path), "/env", "NVIDIA H200", LLAMA_8B, 16) == (str(tmp_path), "--lora-kernel-configs")
+    assert choose(None, "/env", "NVIDIA H200", SMOLLM2, 16) == ("/env", "VLLM_TUNED_CONFIG_FOLDER")
+    assert choose("none", "/env", "NVIDIA H200", LLAMA_8B, 16)[0] is None
+
+
+def test_engine_hands_the_choice_to_vllms_environment(monkeypatch, tmp_path):
+    from loraplex.serve.adapters import LoraSizing
+    from loraplex.serve.engine import use_lora_kernel_configs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    config = ServeConfig(base_model=str(model), model_path=model, served_name="m", adapters_dir=tmp_path)
+    sizing = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/stale")
+    config.lora_kernel_configs = "none"
+    assert use_lora_kernel_configs(config, sizing, cpu=True) is None
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    config.lora_kernel_configs = str(tmp_path)
+    assert use_lora_kernel_configs(config, sizing, cpu=True) == str(tmp_path)
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
+
+
+def test_a_missing_configs_folder_is_a_settings_error(tmp_path):
+    config = ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path,
+                         lora_kernel_configs=str(tmp_path / "nowhere"))
+    assert any("--lora-kernel-configs" in p and "tune-lora-kernels" in p for p in config.problems())
+    for fine in (None, "none", str(tmp_path)):
+        config.lora_kernel_configs = fine
+        assert config.problems() == []
+
+
+def test_coordinate_descent_finds_the_best_single_moves():
+    space = {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
+    calls = []
+
+    def cost(config):
+        calls.append(dict(config))
+        if config["b"] == 2:
+            return float("inf")  # a config that fails to build
+        return (config["a"] - 3) ** 2 + (config["b"] - 3) ** 2
+
+    best, best_cost = lora_kernels.coordinate_descent({"a": 1, "b": 1, "fixed": 7}, space, cost, passes=2)
+    assert best == {"a": 3, "b": 3, "fixed": 7} and best_cost == 0
+    assert all(c["fixed"] == 7 for c in calls)
+    best, _ = lora_kernels.coordinate_descent({"a": 1, "b": 1}, space, cost, deadline=0)  # out of time at once
+    assert best == {"a": 1, "b": 1}
+
+
+def test_tuner_flags_are_checked_together_and_it_needs_a_gpu():
+    result = CliRunner().invoke(app, ["tune-lora-kernels", "--batches", "256,x", "--passes", "0"])
+    assert result.exit_code != 0
+    message = str(result.exception)
+    assert "--batches '256,x'" in message and "--passes 0" in message
+    result = CliRunner().invoke(app, ["tune-lora-kernels", "--out", "x"])  # this machine has no CUDA GPU
+    assert result.exit_code != 0 and "needs a CUDA GPU" in str(result.exception)
