@@ -329,6 +329,21 @@ async def _rescan_forever(serving: Serving, interval: float, changed: asyncio.Ev
             log.warning("registry scan failed: %s", e)
 
 
+def outside_dot_directories(root: Path):
+    """A watch filter passing changes outside dot-directories of `root`: a publish writes its files into a hidden
+    staging directory (loraplex/registry.py) and then renames it into place, so only the rename needs a scan."""
+    root = Path(root).resolve()
+
+    def keep(_change, changed_path: str) -> bool:
+        try:
+            parts = Path(changed_path).resolve().relative_to(root).parts
+        except ValueError:
+            return True
+        return not any(part.startswith(".") for part in parts)
+
+    return keep
+
+
 async def _watch_for_changes(path: Path, changed: asyncio.Event, *, file: Path | None = None) -> None:
     """Set `changed` as soon as the filesystem reports a change under `path` (inotify and the like, through
     watchfiles), or only to `file` in it, so that an adapter published into the registry is loaded before its
@@ -339,7 +354,8 @@ async def _watch_for_changes(path: Path, changed: asyncio.Event, *, file: Path |
 
         # a file's directory, not the file: editors and atomic writers replace the file with a new one
         async for _ in awatch(path, recursive=file is None, ignore_permission_denied=True,
-                              watch_filter=None if file is None else lambda _, changed_path: Path(changed_path) == file):
+                              watch_filter=outside_dot_directories(path) if file is None
+                              else lambda _, changed_path: Path(changed_path) == file):
             changed.set()
     except asyncio.CancelledError:
         raise

@@ -447,3 +447,15 @@ def test_max_tokens_default_limit_and_context(tmp_path):
         with pytest.raises(APIError) as e:
             serving.max_tokens_for(requested, prompt_len, "max_tokens", "messages")
         assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_registry_watch_skips_writes_inside_hidden_staging(tmp_path):
+    from loraplex.serve.app import outside_dot_directories
+
+    keep = outside_dot_directories(tmp_path)
+    staging = tmp_path / ".tmp-support-123-456"
+    assert not keep(None, str(staging / "adapter_model.safetensors"))  # a publish writing its files
+    assert not keep(None, str(tmp_path / ".old-support-1-2"))  # the replaced version, renamed away
+    assert keep(None, str(tmp_path / "support"))  # the rename into place: scan now
+    assert keep(None, str(tmp_path / "support" / "adapter_config.json"))  # files copied in by hand
+    assert keep(None, "/elsewhere/x")
