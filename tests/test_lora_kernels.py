@@ -145,3 +145,37 @@ def test_tuner_flags_are_checked_together_and_it_needs_a_gpu():
     assert "--batches '256,x'" in message and "--passes 0" in message
     result = CliRunner().invoke(app, ["tune-lora-kernels", "--out", "x"])  # this machine has no CUDA GPU
     assert result.exit_code != 0 and "needs a CUDA GPU" in str(result.exception)
+
+
+def test_tuner_writes_files_vllm_reads_for_any_llama_shape(tmp_path, monkeypatch, vllm_reads_configs_from):
+    """The tuner's orchestration with the GPU part replaced: every kernel shape and batch size is written, in the
+    files vLLM looks up on this GPU, and a batch size the budget did not reach keeps vLLM's default."""
+    import torch
+
+    searched = []
+
+    def fake_tune_one(op, fan_in, slices, m, max_loras, rank, passes, deadline):
+        searched.append((op, fan_in, slices, m))
+        if m == 64:  # out of time
+            return {"default_for": m}, float("nan"), float("nan")
+        return {"block_m": 16, "block_n": 32, "block_k": 16, "split_k": 4, "num_warps": 2, "num_stages": 1,
+                "num_ctas": 1, "tuned_for": [op, m]}, 1.0, 2.0
+
+    monkeypatch.setattr(lora_kernels, "_tune_one", fake_tune_one)
+    monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/an/earlier/tuning")
+    summary = lora_kernels.tune(SMOLLM2, tmp_path / "out", max_loras=8, rank=16, batches=[256, 64], passes=1,
+                                time_budget_s=60)
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ  # the search starts from vLLM's own defaults
+    assert len(searched) == 2 * (4 + 3)  # per batch size: 4 shrink shapes (qkv, o, gate_up, down) + 3 expand
+    assert summary["searched_batches"] == [256] and {r["speedup"] for r in summary["kernels"]} == {2.0}
+    assert torch.cuda.get_device_name() == "NVIDIA H200"  # as the vllm_reads_configs_from fixture pretends
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [f"NVIDIA_H200_{kind}.json" for kind in ("EXPAND_FALSE", "EXPAND_TRUE", "SHRINK", "TUNING_REPORT")]
+    get_configs = vllm_reads_configs_from(tmp_path / "out")
+    keys = lora_kernels.kernel_keys(lora_kernels.layer_families(SMOLLM2), 16)
+    for slices, k, n in keys["shrink"]:
+        assert get_configs("shrink", 9, 300, k, n, slices)["tuned_for"] == ["shrink", 256]
+        assert get_configs("shrink", 9, 60, k, n, slices) == {"default_for": 64}
+    for slices, k, n in keys["expand"]:
+        assert get_configs("expand", 9, 300, n, k, slices, True)["tuned_for"] == ["expand", 256]
