@@ -84,17 +84,15 @@ def _tuned_shapes(table: dict) -> set[tuple[int, int, int]]:
 
 
 def covers(folder: Path, gpu_name: str, model_config: dict, rank: int) -> bool:
-    """Whether `folder` has configs for this GPU tuned on exactly this model's LoRA shapes (vLLM would take the
-    nearest shapes for others; those are not measured, so loraplex does not choose them for the user)."""
+    """Whether `folder` has configs for this GPU tuned on exactly this model's LoRA shapes and rank (vLLM would take
+    the nearest shapes for others; those are not measured, so loraplex does not choose them for the user)."""
     families = layer_families(model_config)
     shrink, expand = (folder / f"{file_prefix(gpu_name)}_{kind}.json" for kind in ("SHRINK", "EXPAND_TRUE"))
     if families is None or not shrink.is_file() or not expand.is_file():
         return False
-    keys = kernel_keys(families, rank)
-    # rank: vLLM takes the nearest, and the tiles depend little on it below 64
-    strip_rank = lambda shapes, i: {tuple(v for j, v in enumerate(s) if j != i) for s in shapes}
-    return (strip_rank(keys["shrink"], 2) <= strip_rank(_tuned_shapes(json.loads(shrink.read_text())), 2)
-            and strip_rank(keys["expand"], 1) <= strip_rank(_tuned_shapes(json.loads(expand.read_text())), 1))
+    keys = kernel_keys(families, rank)  # the LoRA rank is part of each shape: k of expand, n of shrink
+    return (set(keys["shrink"]) <= _tuned_shapes(json.loads(shrink.read_text()))
+            and set(keys["expand"]) <= _tuned_shapes(json.loads(expand.read_text())))
 
 
 def choose_config_folder(requested: str | None, env_folder: str | None, gpu_name: str | None,

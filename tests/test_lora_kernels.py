@@ -83,7 +83,7 @@ def test_server_uses_shipped_configs_only_where_tuned(tmp_path):
     choose = lora_kernels.choose_config_folder
     packaged = str(lora_kernels.PACKAGED_CONFIGS)
     assert choose(None, None, "NVIDIA H200", LLAMA_8B, 16)[0] == packaged
-    assert choose(None, None, "NVIDIA H200", LLAMA_8B, 64)[0] == packaged  # vLLM takes the nearest rank
+    assert choose(None, None, "NVIDIA H200", LLAMA_8B, 64)[0] is None  # tuned at rank 16 only
     folder, why = choose(None, None, "NVIDIA H200", SMOLLM2, 16)  # shapes never measured
     assert folder is None and "tune-lora-kernels" in why
     assert choose(None, None, "NVIDIA A100-SXM4-80GB", LLAMA_8B, 16)[0] is None  # another GPU
