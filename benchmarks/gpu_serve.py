@@ -249,14 +249,11 @@ def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
     environment), so that both servers run the same kernels."""
     import torch
 
-    from loraplex.serve.lora_kernels import ENV_FOLDER, choose_config_folder
+    from loraplex.serve.lora_kernels import use_config_folder
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    folder, why = choose_config_folder(None, os.environ.get(ENV_FOLDER), gpu,
-                                       json.loads((Path(model_dir) / "config.json").read_text()), rank)
+    folder, why = use_config_folder(None, gpu, model_dir, rank)
     log("LoRA kernel configs for vLLM's server:", why)
-    if folder:
-        os.environ[ENV_FOLDER] = folder
     return folder
 
 

@@ -10,6 +10,7 @@ import typer
 
 from loraplex.home import default_adapters_dir
 from loraplex.models import DEFAULT_MODEL
+from loraplex.serve.lora_kernels import DEFAULT_BATCHES
 
 _DEFAULTS_NOTE = "Default: sized from the adapters in the registry."
 
@@ -136,7 +137,7 @@ def tune_lora_kernels(
     max_lora_rank: Annotated[int, typer.Option(help="The server's highest adapter rank.")] = 16,
     batches: Annotated[str, typer.Option(
         help="Tokens per step to tune for, comma-separated, most important first (vLLM takes the nearest).")]
-    = ",".join(str(m) for m in (256, 512, 128, 64, 16, 1024, 2048, 8192)),
+    = ",".join(str(m) for m in DEFAULT_BATCHES),
     passes: Annotated[int, typer.Option(help="Coordinate-descent passes over the kernel parameters.")] = 1,
     time_budget: Annotated[float, typer.Option(
         help="Seconds of search; batch sizes not reached keep vLLM's default config.")] = 300,

@@ -76,10 +76,7 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
 def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool) -> str | None:
     """Point vLLM at the tuned LoRA kernel configs this server uses (VLLM_TUNED_CONFIG_FOLDER, read by the engine
     core it spawns next), or at none; see serve/lora_kernels.py for the choice."""
-    import json
-    import os
-
-    from loraplex.serve.lora_kernels import ENV_FOLDER, choose_config_folder
+    from loraplex.serve.lora_kernels import use_config_folder
 
     gpu_name = None
     if not cpu:
@@ -89,16 +86,7 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
             gpu_name = current_platform.get_device_name()  # NVML: no CUDA context in this process
         except Exception as e:  # an unusual platform: vLLM's defaults then
             log.warning("could not read the GPU's name (%s); LoRA kernels keep vLLM's default configs", e)
-    try:
-        model_config = json.loads((config.model_path / "config.json").read_text())
-    except (OSError, ValueError):
-        model_config = {}
-    folder, why = choose_config_folder(config.lora_kernel_configs, os.environ.get(ENV_FOLDER), gpu_name,
-                                       model_config, loras.max_lora_rank)
-    if folder is None:
-        os.environ.pop(ENV_FOLDER, None)
-    else:
-        os.environ[ENV_FOLDER] = folder
+    folder, why = use_config_folder(config.lora_kernel_configs, gpu_name, config.model_path, loras.max_lora_rank)
     log.info("LoRA kernel configs: %s%s", why, f" ({folder})" if folder else "")
     return folder
 

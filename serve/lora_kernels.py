@@ -112,6 +112,22 @@ def choose_config_folder(requested: str | None, env_folder: str | None, gpu_name
                   "`loraplex tune-lora-kernels` makes them)")
 
 
+def use_config_folder(requested: str | None, gpu_name: str | None, model_path: Path,
+                      rank: int) -> tuple[str | None, str]:
+    """Set (or clear) VLLM_TUNED_CONFIG_FOLDER as `choose_config_folder` decides for this model, for the vLLM
+    engine this process starts next (its engine core and workers inherit the environment). Returns (folder, why)."""
+    try:
+        model_config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        model_config = {}  # no shipped configs then; vLLM reports the model's own problems
+    folder, why = choose_config_folder(requested, os.environ.get(ENV_FOLDER), gpu_name, model_config, rank)
+    if folder is None:
+        os.environ.pop(ENV_FOLDER, None)
+    else:
+        os.environ[ENV_FOLDER] = folder
+    return folder, why
+
+
 def coordinate_descent(start: dict, space: dict[str, list], cost, passes: int = 1, deadline: float | None = None):
     """Lowest-cost config reached by changing one parameter at a time (each pass walks every parameter over all its
     values, keeping the best); `cost` returns a time, or inf for a config that fails. Returns (config, cost)."""
@@ -162,7 +178,6 @@ class _KernelBench:
         lora_op_utils._LORA_B_PTR_DICT.clear()
         self.torch, self.op, self.reps = torch, op, reps
         self.module = lora_shrink_op if op == "shrink" else lora_expand_op
-        self.shape = (fan_in, slices, m, max_loras, rank)
         dev = torch.device("cuda")
         gen = torch.Generator(dev).manual_seed(m * 131 + active)
         randn = lambda *shape, dtype=torch.bfloat16: (torch.randn(*shape, generator=gen, device=dev) * 0.1).to(dtype)
@@ -179,14 +194,6 @@ class _KernelBench:
             self.x = randn(len(slices), m, rank, dtype=torch.float32)  # the shrink's float32 buffer
             self.weights = [randn(max_loras, 1, size, rank) for size in slices]
             self.out = torch.zeros(m, sum(slices), dtype=torch.bfloat16, device=dev)
-
-    def default_config(self) -> dict:
-        from vllm.lora.ops.triton_ops.utils import get_lora_op_configs
-
-        fan_in, slices, m, max_loras, rank = self.shape
-        if self.op == "shrink":
-            return dict(get_lora_op_configs("shrink", max_loras + 1, m, fan_in, rank, len(slices)))
-        return dict(get_lora_op_configs("expand", max_loras + 1, m, max(slices), rank, len(slices), True))
 
     def run(self):
         if self.op == "shrink":
@@ -228,14 +235,23 @@ class _KernelBench:
         return min(times)
 
 
+def _default_config(op: str, fan_in: int, slices: tuple[int, ...], m: int, max_loras: int, rank: int) -> dict:
+    """vLLM's built-in config for this kernel shape (its lookup, with no tuned folder set)."""
+    from vllm.lora.ops.triton_ops.utils import get_lora_op_configs
+
+    if op == "shrink":
+        return dict(get_lora_op_configs("shrink", max_loras + 1, m, fan_in, rank, len(slices)))
+    return dict(get_lora_op_configs("expand", max_loras + 1, m, max(slices), rank, len(slices), True))
+
+
 def _tune_one(op: str, fan_in: int, slices: tuple[int, ...], m: int, max_loras: int, rank: int, passes: int,
               deadline: float) -> tuple[dict, float, float]:
     """(best config, its µs, the default's µs) for one kernel shape; time summed over 1 and max-loras adapters."""
-    benches = [_KernelBench(op, fan_in, slices, m, active, max_loras, rank)
-               for active in sorted({1, min(max_loras, m)})]
-    default = benches[0].default_config()
+    default = _default_config(op, fan_in, slices, m, max_loras, rank)
     if time.time() > deadline:
         return default, float("nan"), float("nan")
+    benches = [_KernelBench(op, fan_in, slices, m, active, max_loras, rank)
+               for active in sorted({1, min(max_loras, m)})]
     references = [bench.output(default) for bench in benches]
     costs: dict[tuple, float] = {}
 
