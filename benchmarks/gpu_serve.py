@@ -356,7 +356,8 @@ def bench(args) -> dict:
                                                     for m, p in zip(models, prompts)])
                 stats = summarize(records, args.output_len)
                 count, mix = parse_case(spec)
-                name = case_label(spec) + (" (again)" if spec == "base" and index > 0 else "")
+                again = spec == "base" and any(c["adapters"] == 0 for c in cases)
+                name = case_label(spec) + (" (again)" if again else "")
                 case = {"name": f"{args.label}: {name}", "adapters": count, "traffic": mix,
                         "distinct_adapters": len(set(models)) if count else 0, **stats}
                 cases.append(case)
