@@ -363,11 +363,14 @@ async def _watch_for_changes(path: Path, changed: asyncio.Event, *, file: Path |
         log.warning("not watching %s for changes (%s); scanning every --scan-interval only", file or path, e)
 
 
-async def _exit_when_engine_dies(serving: Serving, server) -> None:
+async def _exit_when_engine_dies(serving: Serving, server, stopping: list[int], died: asyncio.Event) -> None:
     from loraplex.serve.engine import engine_errored
 
     while not engine_errored(serving.engine):
         await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)
+    if stopping:
+        return  # Ctrl-C in a terminal, or SIGTERM to the process group, stops vLLM's engine core too
+    died.set()
     log.error("the inference engine has died; answering 503 for %.0f s, then exiting for a restart",
               ENGINE_DEAD_EXIT_AFTER_S)
     await asyncio.sleep(ENGINE_DEAD_EXIT_AFTER_S)
@@ -399,6 +402,7 @@ async def run(config: ServeConfig) -> None:
     engine = eng.build_engine(config, loras)
     scanner = watchdog = None
     watchers: list[asyncio.Task] = []
+    engine_died = asyncio.Event()  # while serving, not because it was asked to stop
     try:
         adapters = AdapterManager(config.adapters_dir, engine, base_module_shapes(config.model_path),
                                   loras.max_lora_rank, allowed_roots=config.allowed_adapter_roots)
@@ -420,10 +424,16 @@ async def run(config: ServeConfig) -> None:
         # uvicorn re-raises SIGTERM/SIGINT once it has stopped, which would end the process before the engine
         # core (a child process) is shut down below; route the signals to uvicorn's graceful exit instead.
         server.capture_signals = contextlib.nullcontext
+        stop_signals: list[int] = []
+
+        def stop(sig: int) -> None:
+            stop_signals.append(sig)
+            server.handle_exit(sig, None)
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.handle_exit, sig, None)
-        watchdog = asyncio.create_task(_exit_when_engine_dies(serving, server))
+            loop.add_signal_handler(sig, stop, sig)
+        watchdog = asyncio.create_task(_exit_when_engine_dies(serving, server, stop_signals, engine_died))
         await server.serve()
     finally:
         for task in (scanner, watchdog, *watchers):
@@ -431,6 +441,6 @@ async def run(config: ServeConfig) -> None:
                 task.cancel()
         log.info("stopping the engine")
         engine.shutdown()
-    if eng.engine_errored(engine):
+    if engine_died.is_set():
         raise LoraplexError("the inference engine died, so the server stopped",
                             hint="its error is in the log above; restart the server (a supervisor does this)")

@@ -58,3 +58,17 @@ def test_short_load_over_base_and_two_adapters(server, tmp_path):
     for name in models:
         assert {("POST", name), ("TTFT", name), ("E2E", name)} <= entries
     assert "| **total** |" in (out / "summary.md").read_text()
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """A terminal's Ctrl-C reaches the whole process group, vLLM's engine core included: that is a stop, not an
+    engine death (exit 0, no error). Last in this module: it ends the module's server."""
+    import os
+    import signal
+
+    from live_server import _PROCS, server_log
+
+    process = _PROCS[server]
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 0, server_log(server)[-3000:]
+    assert "engine died" not in server_log(server) and "engine has died" not in server_log(server)
