@@ -112,15 +112,100 @@ def choose_config_folder(requested: str | None, env_folder: str | None, gpu_name
                   "`loraplex tune-lora-kernels` makes them)")
 
 
+# The keys vLLM's kernels read from one config (lora_shrink_op.py / lora_expand_op.py; group_size_m has a default).
+CONFIG_KEYS = {"shrink": ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_ctas", "num_stages"),
+               "expand": ("block_m", "block_n", "block_k", "num_warps", "num_ctas", "num_stages")}
+_TABLE_LEVELS = ("max_loras", "num_slices", "m", "k", "n")
+
+
+def config_files(gpu_name: str) -> dict[str, str]:
+    """File name -> kernel, for the files vLLM reads on this GPU."""
+    prefix = file_prefix(gpu_name)
+    return {f"{prefix}_SHRINK.json": "shrink", f"{prefix}_EXPAND_TRUE.json": "expand",
+            f"{prefix}_EXPAND_FALSE.json": "expand"}
+
+
+def table_problems(table, op: str, slices_needed: set[int]) -> list[str]:
+    """What in one config table would fail inside the engine at its first LoRA step: vLLM picks every level by
+    the nearest integer key except num_slices, which it indexes exactly, and the kernels read CONFIG_KEYS."""
+    problems: list[str] = []
+
+    def walk(node, depth: int, path: str) -> None:
+        if depth == len(_TABLE_LEVELS):
+            if not isinstance(node, dict):
+                problems.append(f"{path}: must be a config object")
+                return
+            for key in CONFIG_KEYS[op]:
+                value = node.get(key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    problems.append(f"{path}: {key!r} must be a positive integer, not {value!r}")
+            return
+        level = _TABLE_LEVELS[depth]
+        if not isinstance(node, dict) or not node or not all(str(k).isdigit() for k in node):
+            problems.append(f"{path or 'top level'}: must map {level} (integer keys) to tables")
+            return
+        if level == "num_slices":
+            for slices in sorted(slices_needed - {int(k) for k in node}):
+                problems.append(f"{path}: no table for {slices} slice(s), which this model's layers use")
+        for key, child in node.items():
+            walk(child, depth + 1, f'{path}["{key}"]')
+
+    walk(table, 0, "")
+    return problems
+
+
+def folder_problems(folder: Path, gpu_name: str, model_config: dict) -> tuple[list[str], list[str]]:
+    """(missing files, problems) of a tuned-config folder for this GPU and model."""
+    families = layer_families(model_config)
+    slices_needed = {len(slices) for _, slices in families.values()} if families else set()
+    missing, problems = [], []
+    for name, op in config_files(gpu_name).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        try:
+            table = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            problems.append(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})")
+            continue
+        except OSError as e:
+            problems.append(f"{path}: unreadable ({e})")
+            continue
+        found = table_problems(table, op, slices_needed)
+        problems += [f"{path} {p}" for p in found[:5]]
+        if len(found) > 5:
+            problems.append(f"{path}: {len(found) - 5} more problem(s) like these")
+    return missing, problems
+
+
 def use_config_folder(requested: str | None, gpu_name: str | None, model_path: Path,
                       rank: int) -> tuple[str | None, str]:
     """Set (or clear) VLLM_TUNED_CONFIG_FOLDER as `choose_config_folder` decides for this model, for the vLLM
-    engine this process starts next (its engine core and workers inherit the environment). Returns (folder, why)."""
+    engine this process starts next (its engine core and workers inherit the environment). Returns (folder, why).
+    A folder the user named is checked first: a malformed table would otherwise fail inside the engine on its first
+    LoRA step, and a folder without this GPU's files would silently change nothing."""
     try:
         model_config = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
         model_config = {}  # no shipped configs then; vLLM reports the model's own problems
     folder, why = choose_config_folder(requested, os.environ.get(ENV_FOLDER), gpu_name, model_config, rank)
+    if folder is not None and gpu_name is not None and folder != str(PACKAGED_CONFIGS):
+        missing, problems = folder_problems(Path(folder), gpu_name, model_config)
+        if problems:
+            raise LoraplexError(f"the LoRA kernel configs in {folder} ({why}) would fail inside the engine:\n  "
+                                + "\n  ".join(problems),
+                                hint=f"make them again with `loraplex tune-lora-kernels --out {folder}` on this GPU, "
+                                     "or pass --lora-kernel-configs none for vLLM's defaults")
+        if len(missing) == len(config_files(gpu_name)):
+            message = (f"{folder} ({why}) has no LoRA kernel configs for {gpu_name} (looked for "
+                       f"{', '.join(config_files(gpu_name))}), so vLLM would use its defaults")
+            if requested is not None:
+                raise LoraplexError(message, hint=f"tune them on this GPU with `loraplex tune-lora-kernels --out "
+                                                  f"{folder}`, or pass --lora-kernel-configs none")
+            why += f"; {message}"
+        elif missing:
+            why += f"; without {', '.join(missing)} (vLLM's defaults for that kernel)"
     if folder is None:
         os.environ.pop(ENV_FOLDER, None)
     else:

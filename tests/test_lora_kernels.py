@@ -179,3 +179,52 @@ def test_tuner_writes_files_vllm_reads_for_any_llama_shape(tmp_path, monkeypatch
         assert get_configs("shrink", 9, 60, k, n, slices) == {"default_for": 64}
     for slices, k, n in keys["expand"]:
         assert get_configs("expand", 9, 300, n, k, slices, True)["tuned_for"] == ["expand", 256]
+
+
+def test_shipped_configs_are_well_formed_for_the_models_they_serve():
+    assert lora_kernels.folder_problems(lora_kernels.PACKAGED_CONFIGS, "NVIDIA H200", LLAMA_8B) == ([], [])
+
+
+def _write_configs(folder, gpu_prefix, shrink_table):
+    folder.mkdir(exist_ok=True)
+    expand = {"17": {s: {"16": {"16": {"4096": {"block_m": 16, "block_n": 128, "block_k": 16, "num_warps": 4,
+                                                 "num_ctas": 1, "num_stages": 1}}}} for s in ("1", "2", "3")}}
+    (folder / f"{gpu_prefix}_SHRINK.json").write_text(json.dumps(shrink_table))
+    for add_inputs in ("TRUE", "FALSE"):
+        (folder / f"{gpu_prefix}_EXPAND_{add_inputs}.json").write_text(json.dumps(expand))
+
+
+def test_a_named_configs_folder_is_checked_before_the_engine_reads_it(monkeypatch, tmp_path):
+    from loraplex.errors import LoraplexError
+
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    good = {"block_m": 32, "block_n": 16, "block_k": 256, "split_k": 64, "num_warps": 4, "num_ctas": 1,
+            "num_stages": 2}
+    folder = tmp_path / "configs"
+    # well-formed: handed to vLLM
+    _write_configs(folder, "NVIDIA_H100_80GB_HBM3", {"17": {s: {"16": {"4096": {"16": good}}} for s in "123"}})
+    assert lora_kernels.use_config_folder(str(folder), "NVIDIA H100 80GB HBM3", model, 16)[0] == str(folder)
+    # the layers with 3 slices (qkv) have no table, and one config lacks split_k: both named, with the file
+    broken = {**good}
+    del broken["split_k"]
+    _write_configs(folder, "NVIDIA_H100_80GB_HBM3", {"17": {"1": {"16": {"4096": {"16": good}}},
+                                                             "2": {"16": {"4096": {"16": broken}}}}})
+    with pytest.raises(LoraplexError) as e:
+        lora_kernels.use_config_folder(str(folder), "NVIDIA H100 80GB HBM3", model, 16)
+    message = str(e.value)
+    assert "NVIDIA_H100_80GB_HBM3_SHRINK.json" in message and "no table for 3 slice(s)" in message
+    assert '["17"]["2"]["16"]["4096"]["16"]: \'split_k\' must be a positive integer' in message
+    assert "tune-lora-kernels" in e.value.hint
+    # not JSON: the line is named
+    (folder / "NVIDIA_H100_80GB_HBM3_SHRINK.json").write_text('{"17":\n  {"1": oops}}')
+    with pytest.raises(LoraplexError, match="SHRINK.json line 2 column"):
+        lora_kernels.use_config_folder(str(folder), "NVIDIA H100 80GB HBM3", model, 16)
+    # tuned on another GPU: a named folder is an error, the environment's a note in the log line
+    with pytest.raises(LoraplexError, match="no LoRA kernel configs for NVIDIA A100"):
+        lora_kernels.use_config_folder(str(folder), "NVIDIA A100-SXM4-80GB", model, 16)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(folder))
+    chosen, why = lora_kernels.use_config_folder(None, "NVIDIA A100-SXM4-80GB", model, 16)
+    assert chosen == str(folder) and "vLLM would use its defaults" in why
