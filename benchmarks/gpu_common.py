@@ -60,14 +60,19 @@ def make_model(path: Path, tokenizer_dir: Path | None, shape: str = "8b", device
     return path
 
 
+# The modules behind each of vLLM's merged LoRA layers, in the order of their output slices.
+_MODULES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+            "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
 def lora_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (in_features, out_features) of each LoRA target in one decoder layer."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    kv = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
-    return {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv),
-            "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (hidden, hidden),
-            "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
+    """Module name -> (in_features, out_features) of each LoRA target in one decoder layer (the shapes the kernel
+    tuner times, from the same place)."""
+    from loraplex.serve.lora_kernels import layer_families
+
+    families = layer_families(json.loads((Path(model_dir) / "config.json").read_text()))
+    return {module: (fan_in, fan_out) for family, (fan_in, outputs) in families.items()
+            for module, fan_out in zip(_MODULES[family], outputs)}
 
 
 def write_adapter(path: Path, model_dir: Path, rank: int, seed: int, device: str = "cpu") -> Path:
