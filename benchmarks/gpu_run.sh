@@ -8,7 +8,10 @@
 #   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
 #   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone ($RUN_TAG
-#                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER)
+#                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER; COLD=1
+#                   also times first requests to new adapters)
+#   serve-vllm      vLLM's OpenAI server alone, with loraplex's LoRA sizing and kernel configs for this registry
+#                   ($CASES as for serve-slots)
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
@@ -115,7 +118,21 @@ step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "$slots" \
     "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}${RUN_TAG:+ ($RUN_TAG)}" \
     --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
-    --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" $BENCH_ARGS
+    --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" ${COLD:+--cold} $BENCH_ARGS
+  stop_leftover_servers
+}
+
+step_serve_vllm() {
+  setup || return 1
+  stop_leftover_servers
+  step_prepare || return 1
+  local tag
+  tag=$(echo "vllm${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
+  say "vLLM OpenAI server ${RUN_TAG:-}"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server vllm \
+    --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" \
+    --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-$tag.log" \
+    --out "$OUT/serve-$tag.json" $BENCH_ARGS
   stop_leftover_servers
 }
 
@@ -175,6 +192,7 @@ while [ $# -gt 0 ]; do
     serve-baseline) step_serve_baseline 2>&1 | tee -a "$OUT/serve-baseline.log" ;;
     serve-compare) step_serve_compare 2>&1 | tee -a "$OUT/serve-compare.log" ;;
     serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
+    serve-vllm) step_serve_vllm 2>&1 | tee -a "$OUT/serve-vllm.log" ;;
     tune-lora) step_tune_lora 2>&1 | tee -a "$OUT/tune-lora.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
     detach) step_detach "$@"; exit 0 ;;
