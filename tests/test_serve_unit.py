@@ -459,3 +459,41 @@ def test_registry_watch_skips_writes_inside_hidden_staging(tmp_path):
     assert keep(None, str(tmp_path / "support"))  # the rename into place: scan now
     assert keep(None, str(tmp_path / "support" / "adapter_config.json"))  # files copied in by hand
     assert keep(None, "/elsewhere/x")
+
+
+def test_registry_watch_wakes_on_a_publish_not_on_its_staging(tmp_path):
+    """The filter above, wired into the real watch (watchfiles on this filesystem)."""
+    from loraplex.serve.app import _watch_for_changes
+
+    async def woke(changed: asyncio.Event, within_s: float) -> bool:
+        try:
+            await asyncio.wait_for(changed.wait(), within_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            changed.clear()
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        changed = asyncio.Event()
+        watcher = asyncio.create_task(_watch_for_changes(tmp_path, changed))
+        try:
+            live = False
+            for attempt in range(20):  # the watch is live once a visible change wakes it
+                (tmp_path / f"probe-{attempt}").mkdir()
+                if live := await woke(changed, 0.5):
+                    break
+            staging = tmp_path / ".tmp-support-1-2"
+            staging.mkdir()
+            (staging / "adapter_model.safetensors").write_bytes(b"x" * 4096)
+            (staging / "adapter_config.json").write_text("{}")
+            woke_on_staging = await woke(changed, 1.5)
+            os.rename(staging, tmp_path / "support")
+            return live, woke_on_staging, await woke(changed, 10)
+        finally:
+            watcher.cancel()
+
+    live, woke_on_staging, woke_on_publish = asyncio.run(scenario())
+    assert live, "the registry watch never reported a change"
+    assert not woke_on_staging
+    assert woke_on_publish
