@@ -11,7 +11,8 @@
 #                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER; COLD=1
 #                   also times first requests to new adapters)
 #   serve-vllm      vLLM's OpenAI server alone, with loraplex's LoRA sizing and kernel configs for this registry
-#                   ($CASES as for serve-slots)
+#                   ($CASES as for serve-slots; PROFILE_CASES=8,32 then runs those once more under vLLM's
+#                   profiler and reports GPU kernel time by kind)
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
@@ -132,7 +133,8 @@ step_serve_vllm() {
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server vllm \
     --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" \
     --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-$tag.log" \
-    --out "$OUT/serve-$tag.json" $BENCH_ARGS
+    --out "$OUT/serve-$tag.json" ${PROFILE_CASES:+--profile-cases "$PROFILE_CASES" --profile-dir "$WORK/profiles"} \
+    $BENCH_ARGS
   stop_leftover_servers
 }
 
@@ -161,7 +163,7 @@ step_wait() {
   if [ -f "$KEEP/detached.done" ]; then say "detached steps finished"; else say "detached steps still running"; fi
   [ -d "$KEEP" ] || return 0
   tail -n 30 "$KEEP/detached.log"
-  cp "$KEEP"/*.json "$OUT"/ 2>/dev/null
+  cp "$KEEP"/*.json "$KEEP"/profile-*.txt "$OUT"/ 2>/dev/null
   # the results come back whole; of the logs only their ends (a machine gives back few files)
   (cd "$KEEP" && for f in *.log; do tail -n 400 "$f" > "/tmp/tail-$f"; done
    tar -czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls tail-*.log))

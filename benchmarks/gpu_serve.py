@@ -15,6 +15,11 @@ helped by the prefix cache. Cases:
 server started: on an idle server (loaded by the request itself, or first prefetched by a registry scan), and
 under a burst of base-model streams, whose largest gap between tokens is compared with the same burst alone.
 
+`--profile-cases` (vLLM's server only: loraplex does not expose vLLM's profiler) runs those cases once more
+after the measured ones under vLLM's torch profiler and records where the GPU's time went: kernel time by kind
+(LoRA shrink/expand, GEMM, attention, other) and the kernels that took most. Profiled bursts run slower; their
+tokens/s are not results.
+
     python benchmarks/gpu_serve.py prepare --model-dir /tmp/m --registry /tmp/reg --new-dir /tmp/new
     python benchmarks/gpu_serve.py bench --server loraplex --model-dir /tmp/m --registry /tmp/reg \\
         --new-dir /tmp/new --cold --out benchmarks/results/gpu-serve-loraplex.json
@@ -24,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -257,6 +264,70 @@ def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
     return folder
 
 
+# ---------------------------------------------------------------- profiles (vLLM's server)
+
+KERNEL_KINDS = (("lora", re.compile(r"lora_(shrink|expand)|_lora_", re.I)),
+                ("attention", re.compile(r"flash|fmha|attn|attention", re.I)),
+                ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|matmul", re.I)))
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def kernel_time_by_kind(trace_file: Path, top: int = 12) -> dict:
+    """GPU kernel time in one torch-profiler trace (Chrome trace JSON, gzipped or not), summed by kind, with the
+    kernels that took most. Hand-written: torch's key_averages needs the live profiler, and vLLM's own table
+    (profiler_out_0.txt, copied beside) sorts by kernel but does not group."""
+    opener = gzip.open if str(trace_file).endswith(".gz") else open
+    with opener(trace_file, "rt") as f:
+        events = json.load(f).get("traceEvents", [])
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    count = 0
+    for event in events:
+        if event.get("ph") != "X" or event.get("cat") != "kernel":
+            continue
+        count += 1
+        duration_ms = event.get("dur", 0) / 1000
+        by_kind[kernel_kind(event["name"])] = by_kind.get(kernel_kind(event["name"]), 0.0) + duration_ms
+        by_name[event["name"]] = by_name.get(event["name"], 0.0) + duration_ms
+    total = sum(by_kind.values())
+    return {"trace": Path(trace_file).name, "kernels": count, "kernel_ms": round(total, 1),
+            "by_kind": {kind: {"ms": round(ms, 1), "share": round(ms / total, 3) if total else None}
+                        for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])},
+            "top_kernels": [{"name": name[:160], "ms": round(ms, 1), "kind": kernel_kind(name)}
+                            for name, ms in sorted(by_name.items(), key=lambda item: -item[1])[:top]]}
+
+
+def profiler_flags(profile_dir: Path) -> list[str]:
+    config = {"profiler": "torch", "torch_profiler_dir": str(profile_dir.resolve()),
+              "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True}
+    return ["--profiler-config", json.dumps(config)]
+
+
+def profile_burst(server: Server, client: LoadClient, bodies: list[dict], profile_dir: Path, label: str,
+                  keep_dir: Path) -> dict:
+    """One burst under vLLM's profiler (POST /start_profile, /stop_profile; the trace is written before the stop
+    returns), summarized from the trace that holds GPU kernels; vLLM's kernel table is copied into keep_dir."""
+    import httpx
+
+    started = time.time()
+    httpx.post(server.url + "/start_profile", timeout=120).raise_for_status()
+    stats = summarize(client.burst(server.url, bodies), bodies[0]["max_tokens"])
+    httpx.post(server.url + "/stop_profile", timeout=900).raise_for_status()
+    written = [f for f in profile_dir.rglob("*") if f.is_file() and f.stat().st_mtime >= started - 1]
+    summaries = [kernel_time_by_kind(f) for f in written if ".pt.trace.json" in f.name]
+    summary = max(summaries, key=lambda s: s["kernels"], default={"kernels": 0})
+    # the worker's table: profiler_out_0.txt (vLLM 0.26) or rank0.profiler_out.txt (later versions)
+    tables = [f for f in written if "profiler_out" in f.name and f.suffix == ".txt"]
+    if tables:
+        keep = keep_dir / f"profile-{''.join(c if c.isalnum() else '-' for c in label)}.txt"
+        keep.write_text(max(tables, key=lambda f: f.stat().st_size).read_text())
+        summary["table"] = keep.name
+    return {"case": label, "out_tok_s_under_profiler": stats.get("out_tok_s"), **summary}
+
+
 def base_model_name(args) -> str:
     from loraplex.models import served_name
 
@@ -339,7 +410,13 @@ def bench(args) -> dict:
     from loraplex.server_process import free_port
 
     port = free_port()
-    server = Server(server_command(args, port, adapters, sizing), port, args.server_log)
+    command = server_command(args, port, adapters, sizing)
+    profile_dir = None
+    if args.profile_cases:
+        profile_dir = args.profile_dir or args.out.parent / f"{args.out.stem}-profiles"
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        command += profiler_flags(profile_dir)
+    server = Server(command, port, args.server_log)
     client = LoadClient(args.client_processes)
     cases, extra = [], {}
     try:
@@ -365,6 +442,13 @@ def bench(args) -> dict:
                 write_result(args.out, result_document("serve", cases, partial=True))  # kept if the run is cut
                 if stats["errors"] == stats["requests"]:
                     raise RuntimeError(f"every request failed: {stats.get('first_error')}")
+            for index, spec in enumerate(args.profile_cases.split(",") if args.profile_cases else []):
+                models = traffic(spec, adapters, base, args.requests, seed=100 + index)
+                prompts = random_prompts(args.requests, args.prompt_len, seed=5000 + index)
+                bodies = [completion_body(m, p, args.output_len) for m, p in zip(models, prompts)]
+                profile = profile_burst(server, client, bodies, profile_dir, case_label(spec), args.out.parent)
+                extra.setdefault("profiles", []).append(profile)
+                log("profile:", json.dumps({k: v for k, v in profile.items() if k != "top_kernels"}))
             if args.cold:
                 extra["cold_adapter"] = cold_adapter_test(args, server, client, base,
                                                           adapter_names(args.new_adapters, "new"))
@@ -432,6 +516,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--max-loras", type=int, help="LoRA slots per batch (default: loraplex's registry sizing).")
     b.add_argument("--cold", action="store_true", help="Also time first requests to new adapters (loraplex).")
     b.add_argument("--cold-burst", type=int, default=256, help="Base-model streams around the cold request.")
+    b.add_argument("--profile-cases", help="Cases to run once more under vLLM's profiler (vLLM's server only).")
+    b.add_argument("--profile-dir", type=Path, help="Where vLLM writes its traces (large; default: beside --out).")
     b.add_argument("--client-processes", type=int, default=8)
     b.add_argument("--start-timeout", type=float, default=900)
     b.add_argument("--server-arg", action="append", help="Extra server flag (repeatable), e.g. for CPU dry runs.")
@@ -445,6 +531,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parse_case(spec)
             except ValueError as e:
                 parser.error(str(e))
+        for spec in args.profile_cases.split(",") if args.profile_cases else []:
+            try:
+                parse_case(spec)
+            except ValueError as e:
+                parser.error(f"--profile-cases: {e}")
+        if args.profile_cases and args.server != "vllm":
+            parser.error("--profile-cases needs vLLM's server (loraplex does not expose vLLM's profiler)")
         if args.cold and args.server != "loraplex":
             parser.error("--cold publishes into loraplex's registry; vLLM's server does not watch it")
     return args

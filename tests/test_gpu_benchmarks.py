@@ -163,3 +163,32 @@ def test_run_script_is_valid_bash():
     for script in ("gpu_run.sh", "gpu_stage.sh"):
         subprocess.run(["bash", "-n", str(BENCHMARKS / script)], check=True)
 
+
+
+def test_profile_summary_groups_gpu_kernel_time(tmp_path):
+    import gzip
+
+    events = [{"ph": "X", "cat": "kernel", "name": "_lora_shrink_kernel", "dur": 1500},
+              {"ph": "X", "cat": "kernel", "name": "_lora_expand_kernel", "dur": 500},
+              {"ph": "X", "cat": "kernel", "name": "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "dur": 6000},
+              {"ph": "X", "cat": "kernel", "name": "void flash::flash_fwd_kernel<...>", "dur": 2000},
+              {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_add_rms_norm_0", "dur": 1000},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 99000},  # host side: not GPU time
+              {"ph": "i", "cat": "kernel", "name": "marker"}]
+    trace = tmp_path / "rank0.1.pt.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = gpu_serve.kernel_time_by_kind(trace, top=2)
+    assert summary["kernels"] == 5 and summary["kernel_ms"] == 11.0
+    assert summary["by_kind"] == {"gemm": {"ms": 6.0, "share": 0.545}, "lora": {"ms": 2.0, "share": 0.182},
+                                  "attention": {"ms": 2.0, "share": 0.182}, "other": {"ms": 1.0, "share": 0.091}}
+    assert [k["name"] for k in summary["top_kernels"]] == ["nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT",
+                                                           "void flash::flash_fwd_kernel<...>"]
+
+
+def test_profiles_only_through_vllms_server():
+    base = ["bench", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--out", "o.json"]
+    assert gpu_serve.parse_args([*base, "--server", "vllm", "--profile-cases", "8,32"]).profile_cases == "8,32"
+    for bad in (["--server", "loraplex", "--profile-cases", "8"], ["--server", "vllm", "--profile-cases", "8-random"]):
+        with pytest.raises(SystemExit):
+            gpu_serve.parse_args([*base, *bad])
