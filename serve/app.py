@@ -315,7 +315,7 @@ async def _rescan_forever(serving: Serving, interval: float, changed: asyncio.Ev
     while True:
         try:
             await asyncio.wait_for(changed.wait(), interval)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
             pass
         changed.clear()
         try:
