@@ -31,6 +31,7 @@ MODEL=$WORK/model-8b REG=$WORK/registry NEW=$WORK/new-adapters LORA_CONFIGS=${LO
 KEEP=${KEEP:-/tmp/keep}
 STARTED=$(date +%s)
 BENCH_ARGS=${BENCH_ARGS:-}  # extra gpu_serve.py bench flags, for dry runs on CPU
+FEWER_CASES=base,1,32,256-uniform,256-zipf,base  # the one-server steps' cases unless $CASES names others
 
 say() { echo "[gpu_run $(( $(date +%s) - STARTED ))s] $*"; }
 left() { local s=$(( ${RUN_LIMIT_S:-570} - ($(date +%s) - STARTED) )); echo $(( s > 1 ? s : 1 )); }  # seconds this run has left
@@ -103,7 +104,7 @@ step_serve_compare() {
   stop_leftover_servers
   say "loraplex serve --max-loras 256"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras 256 \
-    --label "loraplex --max-loras 256" --cases base,1,32,256-uniform,256-zipf,base --model-dir "$MODEL" \
+    --label "loraplex --max-loras 256" --cases "$FEWER_CASES" --model-dir "$MODEL" \
     --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-loraplex-256.log" \
     --out "$OUT/serve-loraplex-maxloras256.json" $BENCH_ARGS
   stop_leftover_servers
@@ -118,7 +119,7 @@ step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   say "loraplex serve --max-loras $slots ${SERVER_ARGS:-} ${RUN_TAG:-}"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "$slots" \
     "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}${RUN_TAG:+ ($RUN_TAG)}" \
-    --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
+    --cases "${CASES:-$FEWER_CASES}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
     --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" ${COLD:+--cold} $BENCH_ARGS
   stop_leftover_servers
 }
@@ -131,7 +132,7 @@ step_serve_vllm() {
   tag=$(echo "vllm${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
   say "vLLM OpenAI server ${RUN_TAG:-}"
   timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server vllm \
-    --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-base,1,32,256-uniform,256-zipf,base}" \
+    --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-$FEWER_CASES}" \
     --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-$tag.log" \
     --out "$OUT/serve-$tag.json" ${PROFILE_CASES:+--profile-cases "$PROFILE_CASES" --profile-dir "$WORK/profiles"} \
     $BENCH_ARGS

@@ -289,9 +289,9 @@ def kernel_time_by_kind(trace_file: Path, top: int = 12) -> dict:
         if event.get("ph") != "X" or event.get("cat") != "kernel":
             continue
         count += 1
-        duration_ms = event.get("dur", 0) / 1000
-        by_kind[kernel_kind(event["name"])] = by_kind.get(kernel_kind(event["name"]), 0.0) + duration_ms
-        by_name[event["name"]] = by_name.get(event["name"], 0.0) + duration_ms
+        by_name[event["name"]] = by_name.get(event["name"], 0.0) + event.get("dur", 0) / 1000
+    for name, ms in by_name.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
     total = sum(by_kind.values())
     return {"trace": Path(trace_file).name, "kernels": count, "kernel_ms": round(total, 1),
             "by_kind": {kind: {"ms": round(ms, 1), "share": round(ms / total, 3) if total else None}

@@ -77,6 +77,19 @@ def nest(tuned: dict[tuple, dict], max_loras: int) -> dict:
     return {str(max_loras + 1): out}
 
 
+# The keys vLLM's kernels read from one config (lora_shrink_op.py / lora_expand_op.py; group_size_m has a default).
+CONFIG_KEYS = {"shrink": ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_ctas", "num_stages"),
+               "expand": ("block_m", "block_n", "block_k", "num_warps", "num_ctas", "num_stages")}
+_TABLE_LEVELS = ("max_loras", "num_slices", "m", "k", "n")
+
+
+def config_files(gpu_name: str) -> dict[str, str]:
+    """File name -> kernel, for the files vLLM reads on this GPU."""
+    prefix = file_prefix(gpu_name)
+    return {f"{prefix}_SHRINK.json": "shrink", f"{prefix}_EXPAND_TRUE.json": "expand",
+            f"{prefix}_EXPAND_FALSE.json": "expand"}
+
+
 def _tuned_shapes(table: dict) -> set[tuple[int, int, int]]:
     """(num_slices, k, n) present in one of vLLM's config tables."""
     return {(int(slices), int(k), int(n)) for by_slices in table.values() for slices, by_m in by_slices.items()
@@ -87,12 +100,11 @@ def covers(folder: Path, gpu_name: str, model_config: dict, rank: int) -> bool:
     """Whether `folder` has configs for this GPU tuned on exactly this model's LoRA shapes and rank (vLLM would take
     the nearest shapes for others; those are not measured, so loraplex does not choose them for the user)."""
     families = layer_families(model_config)
-    shrink, expand = (folder / f"{file_prefix(gpu_name)}_{kind}.json" for kind in ("SHRINK", "EXPAND_TRUE"))
-    if families is None or not shrink.is_file() or not expand.is_file():
+    files = {folder / name: op for name, op in config_files(gpu_name).items()}
+    if families is None or not all(path.is_file() for path in files):
         return False
     keys = kernel_keys(families, rank)  # the LoRA rank is part of each shape: k of expand, n of shrink
-    return (set(keys["shrink"]) <= _tuned_shapes(json.loads(shrink.read_text()))
-            and set(keys["expand"]) <= _tuned_shapes(json.loads(expand.read_text())))
+    return all(set(keys[op]) <= _tuned_shapes(json.loads(path.read_text())) for path, op in files.items())
 
 
 def choose_config_folder(requested: str | None, env_folder: str | None, gpu_name: str | None,
@@ -110,19 +122,6 @@ def choose_config_folder(requested: str | None, env_folder: str | None, gpu_name
         return str(PACKAGED_CONFIGS), f"loraplex's configs tuned for {gpu_name} and this model's shapes"
     return None, (f"vLLM's defaults (loraplex ships none for {gpu_name} with this model's shapes; "
                   "`loraplex tune-lora-kernels` makes them)")
-
-
-# The keys vLLM's kernels read from one config (lora_shrink_op.py / lora_expand_op.py; group_size_m has a default).
-CONFIG_KEYS = {"shrink": ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_ctas", "num_stages"),
-               "expand": ("block_m", "block_n", "block_k", "num_warps", "num_ctas", "num_stages")}
-_TABLE_LEVELS = ("max_loras", "num_slices", "m", "k", "n")
-
-
-def config_files(gpu_name: str) -> dict[str, str]:
-    """File name -> kernel, for the files vLLM reads on this GPU."""
-    prefix = file_prefix(gpu_name)
-    return {f"{prefix}_SHRINK.json": "shrink", f"{prefix}_EXPAND_TRUE.json": "expand",
-            f"{prefix}_EXPAND_FALSE.json": "expand"}
 
 
 def table_problems(table, op: str, slices_needed: set[int]) -> list[str]:
@@ -398,10 +397,8 @@ def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list
     gpu = torch.cuda.get_device_name()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {f"{file_prefix(gpu)}_SHRINK.json": nest(tuned["shrink"], max_loras)}
-    # tuned with add_inputs=True (the server's path); vLLM's dual-stream path (add_inputs=False) gets the same tiles
-    for add_inputs in ("TRUE", "FALSE"):
-        files[f"{file_prefix(gpu)}_EXPAND_{add_inputs}.json"] = nest(tuned["expand"], max_loras)
+    # expand tuned with add_inputs=True (the server's path); vLLM's dual-stream path (EXPAND_FALSE) gets the same tiles
+    files = {name: nest(tuned[op], max_loras) for name, op in config_files(gpu).items()}
     summary = {"gpu": gpu, "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                "date": time.strftime("%Y-%m-%d"), "max_loras": max_loras, "rank": rank, "batches": batches,
                "searched_batches": sorted({row["m"] for row in report}), "kernels": report}
