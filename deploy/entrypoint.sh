@@ -15,7 +15,7 @@ VALUE_FLAGS="base-model adapters-dir host port platform aliases allowed-adapter-
   scan-interval dtype seed tensor-parallel-size pipeline-parallel-size distributed-executor-backend
   gpu-memory-utilization kv-cache-gb lora-kernel-configs"
 SWITCH_FLAGS="enforce-eager log-requests"
-ON_OFF_FLAGS="specialize-active-lora"
+ON_OFF_FLAGS="specialize-active-lora compact-lora-grid"
 
 if [[ "${1:-}" == "serve" ]]; then
   shift

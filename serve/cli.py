@@ -59,6 +59,10 @@ def serve(
         help="LoRA kernel grids and CUDA graphs per count of adapters in a batch (powers of 2), so a batch pays "
         "for the adapters it uses rather than for every slot; more CUDA graphs to capture at start. "
         "Default: on where CUDA graphs run (GPU without --enforce-eager).")] = None,
+    compact_lora_grid: Annotated[Optional[bool], typer.Option(
+        help="Launch vLLM's LoRA kernels only over the token blocks each adapter in a batch has, instead of every "
+        "adapter times the whole batch (CUDA GPUs with vLLM 0.26's kernels; elsewhere it logs why it does "
+        "nothing). Default: on with a GPU.")] = None,
     lora_kernel_configs: Annotated[Optional[str], typer.Option(
         help="Folder of tuned LoRA kernel configs (what `loraplex tune-lora-kernels --out` writes), or none for "
         "vLLM's defaults. Default: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where they were "
@@ -109,7 +113,8 @@ def serve(
         admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-        specialize_active_lora=specialize_active_lora, lora_kernel_configs=lora_kernel_configs,
+        specialize_active_lora=specialize_active_lora, compact_lora_grid=compact_lora_grid,
+        lora_kernel_configs=lora_kernel_configs,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,

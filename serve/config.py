@@ -39,6 +39,9 @@ class ServeConfig:
     specialize_active_lora: bool | None = None
     """LoRA kernel grids and CUDA graphs per count of adapters in a batch (`--specialize-active-lora`), so a batch
     pays for the adapters it uses rather than for every slot. None: on with CUDA graphs on GPU, else vLLM's default."""
+    compact_lora_grid: bool | None = None
+    """Launch vLLM's LoRA kernels only over the token blocks each adapter has (`--compact-lora-grid`,
+    serve/lora_grid.py) instead of over every adapter times the whole batch. None: loraplex's default (off)."""
     lora_kernel_configs: str | None = None
     """Folder of tuned LoRA kernel configs for vLLM (`--lora-kernel-configs`, as `loraplex tune-lora-kernels` writes
     them), or "none" for vLLM's defaults. None: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where

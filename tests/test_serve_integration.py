@@ -85,7 +85,9 @@ def server(base_model_dir, registry, extra_root, aliases) -> str:
     # server's watch on its registry and aliases file.
     # float32: in bf16 the rounding differs with the batch's make-up, and a greedy choice between two
     # near-equal tokens of a random adapter could flip; the tests compare answers across batches.
-    with running_server(base_model_dir, registry, "--dtype", "float32", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+    # --compact-lora-grid (a GPU default): vLLM must load loraplex's worker extension and serve as before.
+    with running_server(base_model_dir, registry, "--dtype", "float32", "--compact-lora-grid",
+                        "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
                         "--allowed-adapter-root", extra_root, "--aliases", aliases, "--max-lora-rank", "16",
                         "--max-queue", MAX_QUEUE, "--max-model-len", "2048", "--scan-interval", "3600") as url:
         yield url
@@ -198,6 +200,12 @@ def test_sampling_fields(client):
     assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
     stopped = chat(client, BASE, max_tokens=20, stop=["France"])
     assert "France" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+
+
+def test_compact_lora_grid_reaches_vllms_worker(server):
+    # vLLM imported loraplex's worker extension in its engine process, where on CPU no Triton LoRA kernel runs
+    assert wait_until(lambda: "LoRA kernels: no CUDA GPU here" in server_log(server), timeout=10), \
+        server_log(server)[-3000:]
 
 
 def test_mixed_adapters_concurrent_equal_alone(client, server):

@@ -1,0 +1,210 @@
+"""vLLM's multi-LoRA kernels launched only over the token blocks that have tokens ("compact grid"), on CUDA GPUs.
+
+vLLM's shrink and expand kernels (vllm/lora/ops/triton_ops) launch a grid of
+(token blocks of the whole batch) x (output blocks) x slices x (adapters in the batch): each block works on one
+adapter's tokens, and a block past the end of its adapter's tokens returns at once. With A adapters in a batch of M
+tokens that is A x M/BLOCK_M token blocks, of which at most M/BLOCK_M + A have work: with 16 adapters in a decode
+batch of 512 tokens, about nine in ten blocks of every LoRA kernel of every layer only start and return. The compact
+grid launches M/BLOCK_M + A token blocks; each finds its adapter and its block of that adapter's tokens from the
+per-adapter token counts vLLM already computes (a prefix sum over max_loras + 1 numbers, inside the kernel), then
+does vLLM's own block of work (do_shrink_kernel / do_expand_kernel), so the results are the same.
+
+Hand-written because vLLM has no such launch. It stands in for the kernel object that vLLM's launchers call (a
+module global), so vLLM's config lookup (tuned configs included), its custom ops and its CUDA-graph capture stay as
+they are. It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others, `install` changes
+nothing and says so. The server turns it on in vLLM's worker process through `serve/lora_grid_worker.py`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # the same Triton functions vLLM's kernels call; absent in a vLLM without Triton LoRA kernels
+    from vllm.lora.ops.triton_ops.kernel_utils import do_expand_kernel, do_shrink_kernel
+except ImportError:  # pragma: no cover - install() reports it
+    do_expand_kernel = do_shrink_kernel = None
+
+# vLLM 0.26's kernel parameters, in order (triton's JITFunction.arg_names).
+SHRINK_PARAMS = (
+    "input_ptr", "lora_ptr", "out_ptr", "M", "N", "K", "token_indices_sorted_by_lora_ids", "num_tokens_per_lora",
+    "lora_token_start_loc", "lora_ids", "scaling", "input_d0_stride", "input_d1_stride", "lora_d0_stride",
+    "lora_d1_stride", "lora_d2_stride", "output_d0_stride", "output_d1_stride", "output_d2_stride", "BLOCK_M",
+    "BLOCK_N", "BLOCK_K", "EVEN_K", "SPLIT_K", "GROUP_SIZE_M", "SLICE_NUM", "USE_GDC", "launch_pdl")
+EXPAND_PARAMS = (
+    "input_ptr", "lora_ptr", "out_ptr", "M", "N", "K", "token_indices_sorted_by_lora_ids", "num_tokens_per_lora",
+    "lora_token_start_loc", "lora_ids", "slice_start_loc", "input_d0_stride", "input_d1_stride", "input_d2_stride",
+    "ls_d0_ptr", "ls_d1_ptr", "ls_d2_ptr", "output_d0_stride", "output_d1_stride", "output_hs_ptr", "BLOCK_M",
+    "BLOCK_N", "BLOCK_K", "EVEN_K", "ADD_INPUTS", "CAST_TYPE", "SLICE_NUM", "SAME_STRIDE", "USE_GDC", "launch_pdl")
+
+
+@triton.jit
+def adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """For compact tile number `tile`: (its entry in lora_ids, its token block within that adapter's tokens, the
+    number of tiles in all). Adapters in lora_ids order, cdiv(tokens, BLOCK_M) tiles each; the entry for tokens
+    without an adapter (-1) and unused entries get none."""
+    offs = tl.arange(0, ENTRIES_P2)
+    inside = offs < NUM_ENTRIES
+    counts = tl.load(num_tokens_per_lora + offs, mask=inside, other=0)
+    ids = tl.load(lora_ids + offs, mask=inside, other=-1)
+    tiles = tl.where(ids == -1, 0, (counts + BLOCK_M - 1) // BLOCK_M)
+    ends = tl.cumsum(tiles, axis=0)
+    entry = tl.sum((ends <= tile).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(offs == entry, ends - tiles, 0), axis=0)
+    return entry, tile - first, tl.sum(tiles, axis=0)
+
+
+# NUM_ENTRIES and TILES unspecialised: Triton would compile a variant per value class (== 1, multiple of 16) of
+# every int argument, and TILES changes with each batch's make-up; each new variant is a pause while serving
+@triton.jit(do_not_specialize=["NUM_ENTRIES"])
+def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_sorted_by_lora_ids,
+                          num_tokens_per_lora, lora_token_start_loc, lora_ids, scaling, input_d0_stride,
+                          input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride, output_d0_stride,
+                          output_d1_stride, output_d2_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                          GROUP_SIZE_M: tl.constexpr, SLICE_NUM: tl.constexpr, USE_GDC: tl.constexpr,
+                          launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr):
+    # axis 0 = (tile, output block, K split), K split fastest; GROUP_SIZE_M (vLLM's M-swizzle) has nothing to
+    # group here: a rank-sized output is one or two blocks wide
+    cta_n_num = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(axis=0)
+    pid_sk = pid % SPLIT_K
+    pid_n = (pid // SPLIT_K) % cta_n_num
+    tile = pid // (SPLIT_K * cta_n_num)
+    slice_id = tl.program_id(axis=1)
+    entry, pid_m, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
+    if tile >= tiles:
+        return
+    lora_id = tl.load(lora_ids + entry)
+    lora_m_size = tl.load(num_tokens_per_lora + entry)
+    cta_m_offset = pid_m * BLOCK_M
+    cta_m_len = min(BLOCK_M, lora_m_size - cta_m_offset)
+    lora_m_indices_start = tl.load(lora_token_start_loc + entry)
+    cta_lora_seq_indices = token_indices_sorted_by_lora_ids + lora_m_indices_start + cta_m_offset
+    offset_m = tl.arange(0, BLOCK_M) % cta_m_len
+    ram = tl.load(cta_lora_seq_indices + offset_m)
+    do_shrink_kernel(pid_n, pid_sk, slice_id, lora_id, input_ptr, lora_ptr, out_ptr, N, K, cta_m_len, ram,
+                     input_d0_stride, input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride,
+                     output_d0_stride, output_d1_stride, output_d2_stride, scaling, BLOCK_M, BLOCK_N, BLOCK_K,
+                     EVEN_K, SPLIT_K, SLICE_NUM, USE_GDC)
+
+
+@triton.jit(do_not_specialize=["NUM_ENTRIES", "TILES"])
+def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_sorted_by_lora_ids,
+                          num_tokens_per_lora, lora_token_start_loc, lora_ids, slice_start_loc, input_d0_stride,
+                          input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr, ls_d2_ptr, output_d0_stride,
+                          output_d1_stride, output_hs_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_INPUTS: tl.constexpr,
+                          CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
+                          USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
+                          TILES):
+    # axis 0 = (tile, output block), tile fastest as in vLLM: neighbouring blocks read the same LoRA B columns
+    pid = tl.program_id(axis=0)
+    tile = pid % TILES
+    pid_n = pid // TILES
+    slice_id = tl.program_id(axis=1)
+    entry, pid_m, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
+    if tile >= tiles:
+        return
+    curr_N = N if SAME_STRIDE else tl.load(output_hs_ptr + slice_id)
+    if pid_n * BLOCK_N >= curr_N:
+        return
+    lora_id = tl.load(lora_ids + entry)
+    lora_m_size = tl.load(num_tokens_per_lora + entry)
+    cta_m_offset = pid_m * BLOCK_M
+    cta_m_len = min(BLOCK_M, lora_m_size - cta_m_offset)
+    lora_m_indices_start = tl.load(lora_token_start_loc + entry)
+    cta_lora_seq_indices = token_indices_sorted_by_lora_ids + lora_m_indices_start + cta_m_offset
+    offset_m = tl.arange(0, BLOCK_M) % cta_m_len
+    ram = tl.load(cta_lora_seq_indices + offset_m)
+    do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
+                     slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
+                     ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
+                     SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
+
+
+def compact_pays(token_blocks: int, adapters: int) -> bool:
+    """Whether the compact grid launches at most half the token blocks of vLLM's (token_blocks = cdiv(M, BLOCK_M)
+    per adapter there, token_blocks + adapters here). Where it does not (one adapter, or a batch within one block)
+    vLLM's grid wastes little and its kernel skips the compact one's prefix sum: on an H200 the compact kernels ran
+    5-12% slower there and 1.2-2.2x faster with 4-32 adapters over 256-8,192 tokens (BENCHMARKS.md)."""
+    return 2 * (token_blocks + adapters) <= token_blocks * adapters
+
+
+class CompactLaunch:
+    """Stands in for one of vLLM's kernels where its launcher calls `kernel[grid](*args, **options)`: the same
+    arguments, and the compact kernel over a grid of the token blocks that have work (at most M/BLOCK_M + adapters)
+    where `compact_pays`, else vLLM's own kernel and grid."""
+
+    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced):
+        self.op, self.kernel, self.params, self.replaced = op, kernel, params, replaced
+
+    def grid(self, vllm_grid: tuple, named: dict) -> tuple[tuple, dict] | None:
+        """The compact grid and the extra kernel arguments, from vLLM's grid (its last axis: adapters in the
+        batch, rounded up to a captured count, or max_loras + 1) and vLLM's kernel arguments; None where vLLM's
+        grid is kept."""
+        entries = int(named["lora_ids"].numel())
+        adapters = min(int(vllm_grid[2]), entries)
+        token_blocks = triton.cdiv(named["M"], named["BLOCK_M"])
+        if not compact_pays(token_blocks, adapters):
+            return None
+        tiles = token_blocks + adapters
+        blocks = tiles * triton.cdiv(named["N"], named["BLOCK_N"])
+        extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries)}
+        if self.op == "shrink":
+            blocks *= named["SPLIT_K"]
+        else:
+            extra["TILES"] = tiles
+        return (blocks, vllm_grid[1], 1), extra
+
+    def __getitem__(self, vllm_grid):
+        def launch(*args, **options):
+            named = dict(zip(self.params, args))
+            named.update({k: v for k, v in options.items() if k in self.params})
+            compact = self.grid(tuple(vllm_grid), named)
+            if compact is None:
+                return self.replaced[vllm_grid](*args, **options)
+            grid, extra = compact
+            return self.kernel[grid](*args, **options, **extra)
+        return launch
+
+
+def _kernel_modules():
+    from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op
+
+    return ((lora_shrink_op, "_lora_shrink_kernel", "shrink", SHRINK_PARAMS, compact_shrink_kernel),
+            (lora_expand_op, "_lora_expand_kernel", "expand", EXPAND_PARAMS, compact_expand_kernel))
+
+
+def install() -> str:
+    """Make vLLM's LoRA launchers in this process use the compact grid. Returns what it did, for the log."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here: vLLM's Triton LoRA kernels do not run, nothing to change"
+    try:
+        modules = _kernel_modules()
+    except ImportError as e:
+        return f"vLLM's Triton LoRA kernels are not importable ({e}): nothing to change"
+    if do_shrink_kernel is None or do_expand_kernel is None:
+        return "vLLM's LoRA kernel_utils lack do_shrink_kernel/do_expand_kernel: keeping vLLM's grid"
+    for module, name, _, params, _ in modules:
+        current = getattr(module, name, None)
+        found = tuple(getattr(getattr(current, "replaced", current), "arg_names", ()))
+        if found != params:
+            return (f"{module.__name__}.{name} takes other parameters than the compact grid knows (vLLM 0.26's): "
+                    "keeping vLLM's grid")
+    for module, name, op, params, kernel in modules:
+        current = getattr(module, name)
+        if not isinstance(current, CompactLaunch):
+            setattr(module, name, CompactLaunch(op, kernel, params, current))
+    return "compact grid: LoRA kernels launch blocks only for the tokens each adapter has"
+
+
+def restore() -> None:
+    """Put vLLM's own kernels back (benchmarks compare both in one process)."""
+    for module, name, *_ in _kernel_modules():
+        current = getattr(module, name, None)
+        if isinstance(current, CompactLaunch):
+            setattr(module, name, current.replaced)

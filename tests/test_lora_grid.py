@@ -1,0 +1,158 @@
+"""The compact LoRA grid (serve/lora_grid.py): its Triton code run on CPU under Triton's interpreter against
+vLLM's own kernel and a plain torch computation, the launch decisions, and the guard that keeps vLLM's grid for
+kernels it does not know. Its speed is measured on a GPU by benchmarks/gpu_lora_grid.py (BENCHMARKS.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.serve import lora_grid
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(HERE / "lora_grid_interpreted.py")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_every_token_block_of_every_adapter_gets_exactly_one_tile(interpreted):
+    for case in interpreted["tiles"]:
+        expected = [[entry, block] for entry, (count, lora_id) in enumerate(zip(case["counts"], case["ids"]))
+                    if lora_id != -1 for block in range(-(-count // case["block_m"]))]
+        rows = case["tiles"]
+        assert {row[2] for row in rows} == {len(expected)}, case  # every tile knows how many have work
+        assert [row[:2] for row in rows[:len(expected)]] == expected, case
+        assert len(rows) > len(expected)  # the launch bound leaves spare tiles, which find no work
+
+
+def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
+    for case in interpreted["expand"]:
+        assert case["compact_vs_vllm"] == 0.0, case
+        assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
+        assert case["changed_rows"] > 0
+    compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
+    assert len(compact) == 2, "the cases meant for the compact grid did not use it"
+    for case in compact:
+        vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
+        assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
+        assert compact_grid[0] < vllm_grid[0] * vllm_grid[2]  # fewer blocks launched
+    kept = [c for c in interpreted["expand"] if not c["launches"][0]["compact_grid"]]
+    assert kept and kept[0]["tokens"] == 130  # 3 token blocks x 4 adapters: vLLM's grid, by compact_pays
+
+
+def test_compact_grid_only_where_it_launches_at_most_half_the_blocks():
+    assert not lora_grid.compact_pays(token_blocks=8, adapters=1)  # one adapter: vLLM's grid wastes nothing
+    assert not lora_grid.compact_pays(token_blocks=1, adapters=17)  # a batch within one block: neither does it
+    assert not lora_grid.compact_pays(token_blocks=3, adapters=4)
+    assert lora_grid.compact_pays(token_blocks=4, adapters=4)
+    assert lora_grid.compact_pays(token_blocks=8, adapters=17)  # decode of 512 tokens over 16 adapters
+
+
+class _Kernel:
+    """Records how it was launched."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.launches.append((grid, args, options))
+
+
+def _args(params, **values):
+    defaults = {"lora_ids": torch.full((17,), -1, dtype=torch.int32), "M": 512, "N": 16, "BLOCK_M": 64,
+                "BLOCK_N": 16, "SPLIT_K": 8}
+    defaults.update(values)
+    return tuple(defaults.get(name, f"<{name}>") for name in params[:-1])  # launch_pdl goes as an option
+
+
+def test_launch_passes_vllms_arguments_with_a_compact_grid():
+    vllm_kernel, compact_kernel = _Kernel(), _Kernel()
+    shrink = lora_grid.CompactLaunch("shrink", compact_kernel, lora_grid.SHRINK_PARAMS, vllm_kernel)
+    args = _args(lora_grid.SHRINK_PARAMS)
+    shrink[(8 * 8 * 1, 3, 17)](*args, num_warps=4, launch_pdl=False)
+    [(grid, passed, options)] = compact_kernel.launches
+    assert grid == (8 * (8 + 17) * 1, 3, 1)  # K splits x (token blocks + adapters) x output blocks
+    assert passed == args
+    assert options == {"num_warps": 4, "launch_pdl": False, "NUM_ENTRIES": 17, "ENTRIES_P2": 32}
+    assert not vllm_kernel.launches
+
+    expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel)
+    expand[(8 * 112, 2, 16)](*_args(lora_grid.EXPAND_PARAMS, N=14336, BLOCK_N=128), num_stages=1)
+    grid, _, options = compact_kernel.launches[-1]
+    assert grid == ((8 + 16) * 112, 2, 1) and options["TILES"] == 8 + 16
+
+
+def test_launch_keeps_vllms_kernel_and_grid_where_compact_does_not_pay():
+    vllm_kernel, compact_kernel = _Kernel(), _Kernel()
+    shrink = lora_grid.CompactLaunch("shrink", compact_kernel, lora_grid.SHRINK_PARAMS, vllm_kernel)
+    args = _args(lora_grid.SHRINK_PARAMS)
+    shrink[(64, 1, 1)](*args, num_warps=2)  # one adapter
+    assert vllm_kernel.launches == [((64, 1, 1), args, {"num_warps": 2})] and not compact_kernel.launches
+
+
+@pytest.fixture
+def vllm_kernels(monkeypatch):
+    """vLLM's two kernel modules with stand-in kernels whose parameters are vLLM 0.26's."""
+    from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op
+
+    class Kernel:
+        def __init__(self, params):
+            self.arg_names = list(params)
+
+    monkeypatch.setattr(lora_shrink_op, "_lora_shrink_kernel", Kernel(lora_grid.SHRINK_PARAMS))
+    monkeypatch.setattr(lora_expand_op, "_lora_expand_kernel", Kernel(lora_grid.EXPAND_PARAMS))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(lora_grid, "do_shrink_kernel", object())
+    monkeypatch.setattr(lora_grid, "do_expand_kernel", object())
+    return lora_shrink_op, lora_expand_op
+
+
+def test_install_replaces_both_kernels_and_restore_puts_them_back(vllm_kernels):
+    shrink_op, expand_op = vllm_kernels
+    shrink, expand = shrink_op._lora_shrink_kernel, expand_op._lora_expand_kernel
+    assert lora_grid.install().startswith("compact grid")
+    assert isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
+    assert expand_op._lora_expand_kernel.replaced is expand
+    assert lora_grid.install().startswith("compact grid")  # twice: still one layer
+    assert shrink_op._lora_shrink_kernel.replaced is shrink
+    lora_grid.restore()
+    assert (shrink_op._lora_shrink_kernel, expand_op._lora_expand_kernel) == (shrink, expand)
+
+
+def test_install_keeps_vllms_grid_for_kernels_with_other_parameters(vllm_kernels, monkeypatch):
+    shrink_op, expand_op = vllm_kernels
+    monkeypatch.setattr(shrink_op._lora_shrink_kernel, "arg_names", [*lora_grid.SHRINK_PARAMS[:-1], "PARTIAL_N",
+                                                                     "launch_pdl"])
+    why = lora_grid.install()
+    assert "other parameters" in why and "_lora_shrink_kernel" in why
+    assert not isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
+    assert not isinstance(expand_op._lora_expand_kernel, lora_grid.CompactLaunch)  # both or neither
+
+
+def test_install_does_nothing_without_a_gpu(monkeypatch):
+    from vllm.lora.ops.triton_ops import lora_shrink_op
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = lora_shrink_op._lora_shrink_kernel
+    assert "no CUDA GPU" in lora_grid.install()
+    assert lora_shrink_op._lora_shrink_kernel is before
+
+
+def test_worker_extension_adds_nothing_to_vllms_worker():
+    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER
+    from loraplex.serve.lora_grid_worker import CompactLoRAGrid
+
+    module, name = COMPACT_LORA_GRID_WORKER.rsplit(".", 1)
+    assert (CompactLoRAGrid.__module__, CompactLoRAGrid.__name__) == (module, name)
+    # vLLM refuses an extension class whose attributes clash with its worker's
+    assert [attr for attr in dir(CompactLoRAGrid) if not attr.startswith("__")] == []
