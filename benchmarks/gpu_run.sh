@@ -15,6 +15,7 @@
 #                   profiler and reports GPU kernel time by kind)
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
+#   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
 #   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
@@ -44,15 +45,18 @@ stop_leftover_servers() {  # servers run in their own process group; a run cut s
   rm -f "$BENCH_SERVER_PIDS"
 }
 
+link_loraplex() {  # loraplex's package-dir mapping (serve/ -> loraplex.serve, ...) without installing
+  rm -rf "$WORK/lp" && mkdir -p "$WORK/lp/loraplex" && cp -r loraplex/. "$WORK/lp/loraplex/"
+  for d in serve train eval loadtests; do ln -s "$PWD/$d" "$WORK/lp/loraplex/$d"; done
+}
+
 setup() {
   if [ ! -f "$SITE/.unpacked" ]; then
     say "unpacking $(ls /tmp/stage | tr '\n' ' ')"
     cat /tmp/stage/part* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$SITE', filter='tar')" || return 1
     touch "$SITE/.unpacked"
   fi
-  # loraplex's package-dir mapping (serve/ -> loraplex.serve, ...) without installing: a linked package tree
-  rm -rf "$WORK/lp" && mkdir -p "$WORK/lp/loraplex" && cp -r loraplex/. "$WORK/lp/loraplex/"
-  for d in serve train eval loadtests; do ln -s "$PWD/$d" "$WORK/lp/loraplex/$d"; done
+  link_loraplex
 }
 
 step_stage() {
@@ -78,6 +82,7 @@ EOF
 }
 
 step_prepare() {  # needs only the machine's own torch and transformers: can run before the parts are all there
+  [ -d "$WORK/lp/loraplex/serve" ] || link_loraplex  # the adapters take their shapes from loraplex.serve
   local tok=()
   [ -d "$SITE/tok" ] && tok=(--tokenizer "$SITE/tok")
   say "preparing model and adapters"
@@ -149,6 +154,12 @@ step_tune_lora() {
   return 0
 }
 
+step_grid_bench() {
+  setup || return 1
+  say "LoRA kernels: vLLM's grid against the compact grid"
+  timeout "$(left)" python3 benchmarks/gpu_lora_grid.py --out "$OUT/lora-grid.json" ${GRID_ARGS:-} 2>&1 | grep -v -i "warn"
+}
+
 step_detach() {
   mkdir -p "$KEEP" && rm -f "$KEEP/detached.done"
   KEEP=$KEEP OUT=$KEEP setsid nohup bash -c 'bash "$0" "$@"; touch "$KEEP/detached.done"' "$0" "$@" \
@@ -197,6 +208,7 @@ while [ $# -gt 0 ]; do
     serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
     serve-vllm) step_serve_vllm 2>&1 | tee -a "$OUT/serve-vllm.log" ;;
     tune-lora) step_tune_lora 2>&1 | tee -a "$OUT/tune-lora.log" ;;
+    grid-bench) step_grid_bench 2>&1 | tee -a "$OUT/grid-bench.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
     detach) step_detach "$@"; exit 0 ;;
     wait) step_wait "$1"; shift ;;

@@ -192,3 +192,11 @@ def test_profiles_only_through_vllms_server():
     for bad in (["--server", "loraplex", "--profile-cases", "8"], ["--server", "vllm", "--profile-cases", "8-random"]):
         with pytest.raises(SystemExit):
             gpu_serve.parse_args([*base, *bad])
+
+
+def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
+    import gpu_lora_grid
+
+    with pytest.raises(SystemExit, match="cannot run here: no CUDA GPU"):
+        gpu_lora_grid.main(["--slots", "16", "--batches", "256", "--out", str(tmp_path / "grid.json")])
+    assert not (tmp_path / "grid.json").exists()
