@@ -11,8 +11,9 @@
 #                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER; COLD=1
 #                   also times first requests to new adapters)
 #   serve-vllm      vLLM's OpenAI server alone, with loraplex's LoRA sizing and kernel configs for this registry
-#                   ($CASES as for serve-slots; PROFILE_CASES=8,32 then runs those once more under vLLM's
-#                   profiler and reports GPU kernel time by kind)
+#                   ($CASES, $SLOTS, $SERVER_ARGS as for serve-slots, e.g. SERVER_ARGS="--worker-extension-cls
+#                   loraplex.serve.lora_grid_worker.CompactLoRAGrid" for loraplex's compact grid; PROFILE_CASES=8,32
+#                   then runs those once more under vLLM's profiler and reports GPU kernel time by kind)
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
@@ -133,11 +134,11 @@ step_serve_vllm() {
   setup || return 1
   stop_leftover_servers
   step_prepare || return 1
-  local tag
-  tag=$(echo "vllm${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
-  say "vLLM OpenAI server ${RUN_TAG:-}"
-  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server vllm \
-    --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-$FEWER_CASES}" \
+  local tag flags=(${SERVER_ARGS:-})
+  tag=$(echo "vllm${SLOTS:+-maxloras$SLOTS}${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
+  say "vLLM OpenAI server ${SLOTS:+--max-loras $SLOTS} ${SERVER_ARGS:-} ${RUN_TAG:-}"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server vllm ${SLOTS:+--max-loras "$SLOTS"} \
+    "${flags[@]/#/--server-arg=}" --label "vLLM server${RUN_TAG:+ ($RUN_TAG)}" --cases "${CASES:-$FEWER_CASES}" \
     --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-$tag.log" \
     --out "$OUT/serve-$tag.json" ${PROFILE_CASES:+--profile-cases "$PROFILE_CASES" --profile-dir "$WORK/profiles"} \
     $BENCH_ARGS

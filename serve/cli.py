@@ -146,6 +146,9 @@ def tune_lora_kernels(
     passes: Annotated[int, typer.Option(help="Coordinate-descent passes over the kernel parameters.")] = 1,
     time_budget: Annotated[float, typer.Option(
         help="Seconds of search; batch sizes not reached keep vLLM's default config.")] = 300,
+    compact_lora_grid: Annotated[bool, typer.Option(
+        help="Time the kernels over the compact grid, as `loraplex serve` launches them on a GPU by default; "
+        "--no-compact-lora-grid for a server started with --no-compact-lora-grid.")] = True,
 ) -> None:
     """Tune vLLM's multi-LoRA kernels for this GPU and the base model's shapes (needs a CUDA GPU)."""
     import json
@@ -178,7 +181,7 @@ def tune_lora_kernels(
     from loraplex.serve.lora_kernels import tune
 
     summary = tune(json.loads((model_path / "config.json").read_text()), out, max_loras, max_lora_rank, sizes,
-                   passes, time_budget)
+                   passes, time_budget, compact_grid=compact_lora_grid)
     rows = summary["kernels"]
     if rows:
         total_default = sum(r["default_us"] for r in rows)

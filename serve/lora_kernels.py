@@ -364,9 +364,10 @@ def _tune_one(op: str, fan_in: int, slices: tuple[int, ...], m: int, max_loras: 
 
 
 def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list[int], passes: int,
-         time_budget_s: float) -> dict:
+         time_budget_s: float, compact_grid: bool = True) -> dict:
     """Tune both kernels for every merged layer shape and batch size; write vLLM's three files and a report into
-    `out`. Batch sizes not reached within the budget get vLLM's default config, so every key vLLM asks for exists."""
+    `out`. Batch sizes not reached within the budget get vLLM's default config, so every key vLLM asks for exists.
+    With `compact_grid` the kernels are timed as `loraplex serve` launches them by default (serve/lora_grid.py)."""
     import torch
     import vllm
 
@@ -377,6 +378,12 @@ def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list
     # the starting point and the reference output are vLLM's built-in defaults, not an earlier tuning's
     os.environ.pop(ENV_FOLDER, None)
     _use_config_under_test()
+    kernel_grid = "vLLM's grid"
+    if compact_grid:
+        from loraplex.serve.lora_grid import install
+
+        kernel_grid = install()
+    log.info("LoRA kernels: %s", kernel_grid)
     keys = kernel_keys(families, rank)
     deadline = time.time() + time_budget_s
     tuned: dict[str, dict[tuple, dict]] = {"shrink": {}, "expand": {}}
@@ -401,6 +408,7 @@ def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list
     files = {name: nest(tuned[op], max_loras) for name, op in config_files(gpu).items()}
     summary = {"gpu": gpu, "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                "date": time.strftime("%Y-%m-%d"), "max_loras": max_loras, "rank": rank, "batches": batches,
+               "kernel_grid": kernel_grid,
                "searched_batches": sorted({row["m"] for row in report}), "kernels": report}
     files[f"{file_prefix(gpu)}_TUNING_REPORT.json"] = summary
     for name, content in files.items():  # write-then-rename: a server never reads half a file

@@ -169,6 +169,10 @@ def test_tuner_writes_files_vllm_reads_for_any_llama_shape(tmp_path, monkeypatch
     assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ  # the search starts from vLLM's own defaults
     assert len(searched) == 2 * (4 + 3)  # per batch size: 4 shrink shapes (qkv, o, gate_up, down) + 3 expand
     assert summary["searched_batches"] == [256] and {r["speedup"] for r in summary["kernels"]} == {2.0}
+    # timed as the server launches them: the compact grid (whose install on this GPU-less machine says why not)
+    assert "no CUDA GPU" in summary["kernel_grid"]
+    assert lora_kernels.tune(SMOLLM2, tmp_path / "vllm-grid", max_loras=8, rank=16, batches=[256], passes=1,
+                             time_budget_s=60, compact_grid=False)["kernel_grid"] == "vLLM's grid"
     assert torch.cuda.get_device_name() == "NVIDIA H200"  # as the vllm_reads_configs_from fixture pretends
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [f"NVIDIA_H200_{kind}.json" for kind in ("EXPAND_FALSE", "EXPAND_TRUE", "SHRINK", "TUNING_REPORT")]
