@@ -55,6 +55,20 @@ def adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: t
     return entry, tile - first, tl.sum(tiles, axis=0)
 
 
+@triton.jit
+def tile_rows(entry, block, num_tokens_per_lora, lora_ids, lora_token_start_loc, token_indices_sorted_by_lora_ids,
+              BLOCK_M: tl.constexpr):
+    """(adapter id, rows in the block, the rows' token indices) of token block `block` of lora_ids entry `entry`,
+    as vLLM's kernels compute them for theirs (rows past the end repeat the block's first rows, unused)."""
+    lora_id = tl.load(lora_ids + entry)
+    lora_m_size = tl.load(num_tokens_per_lora + entry)
+    cta_m_offset = block * BLOCK_M
+    cta_m_len = min(BLOCK_M, lora_m_size - cta_m_offset)
+    first_row = tl.load(lora_token_start_loc + entry) + cta_m_offset
+    ram = tl.load(token_indices_sorted_by_lora_ids + first_row + tl.arange(0, BLOCK_M) % cta_m_len)
+    return lora_id, cta_m_len, ram
+
+
 # NUM_ENTRIES and TILES unspecialised: Triton would compile a variant per value class (== 1, multiple of 16) of
 # every int argument, and TILES changes with each batch's make-up; each new variant is a pause while serving
 @triton.jit(do_not_specialize=["NUM_ENTRIES"])
@@ -76,14 +90,8 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
     entry, pid_m, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
     if tile >= tiles:
         return
-    lora_id = tl.load(lora_ids + entry)
-    lora_m_size = tl.load(num_tokens_per_lora + entry)
-    cta_m_offset = pid_m * BLOCK_M
-    cta_m_len = min(BLOCK_M, lora_m_size - cta_m_offset)
-    lora_m_indices_start = tl.load(lora_token_start_loc + entry)
-    cta_lora_seq_indices = token_indices_sorted_by_lora_ids + lora_m_indices_start + cta_m_offset
-    offset_m = tl.arange(0, BLOCK_M) % cta_m_len
-    ram = tl.load(cta_lora_seq_indices + offset_m)
+    lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
+                                        token_indices_sorted_by_lora_ids, BLOCK_M)
     do_shrink_kernel(pid_n, pid_sk, slice_id, lora_id, input_ptr, lora_ptr, out_ptr, N, K, cta_m_len, ram,
                      input_d0_stride, input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride,
                      output_d0_stride, output_d1_stride, output_d2_stride, scaling, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -110,14 +118,8 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
     curr_N = N if SAME_STRIDE else tl.load(output_hs_ptr + slice_id)
     if pid_n * BLOCK_N >= curr_N:
         return
-    lora_id = tl.load(lora_ids + entry)
-    lora_m_size = tl.load(num_tokens_per_lora + entry)
-    cta_m_offset = pid_m * BLOCK_M
-    cta_m_len = min(BLOCK_M, lora_m_size - cta_m_offset)
-    lora_m_indices_start = tl.load(lora_token_start_loc + entry)
-    cta_lora_seq_indices = token_indices_sorted_by_lora_ids + lora_m_indices_start + cta_m_offset
-    offset_m = tl.arange(0, BLOCK_M) % cta_m_len
-    ram = tl.load(cta_lora_seq_indices + offset_m)
+    lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
+                                        token_indices_sorted_by_lora_ids, BLOCK_M)
     do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
                      slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
                      ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
