@@ -17,6 +17,8 @@ nothing and says so. The server turns it on in vLLM's worker process through `se
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -36,6 +38,17 @@ EXPAND_PARAMS = (
     "lora_token_start_loc", "lora_ids", "slice_start_loc", "input_d0_stride", "input_d1_stride", "input_d2_stride",
     "ls_d0_ptr", "ls_d1_ptr", "ls_d2_ptr", "output_d0_stride", "output_d1_stride", "output_hs_ptr", "BLOCK_M",
     "BLOCK_N", "BLOCK_K", "EVEN_K", "ADD_INPUTS", "CAST_TYPE", "SLICE_NUM", "SAME_STRIDE", "USE_GDC", "launch_pdl")
+# ... and of the per-block functions the compact kernels call (vllm/lora/ops/triton_ops/kernel_utils.py)
+SHRINK_BLOCK_PARAMS = (
+    "pid_n", "pid_sk", "slice_id", "lora_index", "input_ptr", "lora_ptr", "out_ptr", "N", "K", "M_LEN", "ram",
+    "input_d0_stride", "input_d1_stride", "lora_d0_stride", "lora_d1_stride", "lora_d2_stride", "output_d0_stride",
+    "output_d1_stride", "output_d2_stride", "scaling", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EVEN_K", "SPLIT_K",
+    "SLICE_NUM", "USE_GDC")
+EXPAND_BLOCK_PARAMS = (
+    "pid_n", "lora_index", "slice_id", "input_ptr", "lora_ptr", "out_ptr", "N", "K", "M_LEN", "ram",
+    "slice_start_loc", "input_d0_stride", "input_d1_stride", "input_d2_stride", "ls_d0_ptr", "ls_d1_ptr", "ls_d2_ptr",
+    "output_d0_stride", "output_d1_stride", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SAME_STRIDE", "SLICE_NUM", "EVEN_K",
+    "CAST_TYPE", "ADD_INPUTS", "USE_GDC")
 
 
 @triton.jit
@@ -179,6 +192,19 @@ def _kernel_modules():
             (lora_expand_op, "_lora_expand_kernel", "expand", EXPAND_PARAMS, compact_expand_kernel))
 
 
+def _parameters(function) -> tuple[str, ...]:
+    """Parameter names of a Triton kernel (JITFunction.arg_names) or, in a vLLM without Triton, of the plain
+    function it left; () for anything else."""
+    function = getattr(function, "replaced", function)
+    names = getattr(function, "arg_names", None)
+    if names is None:
+        try:
+            names = list(inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            names = []
+    return tuple(names)
+
+
 def install() -> str:
     """Make vLLM's LoRA launchers in this process use the compact grid. Returns what it did, for the log."""
     import torch
@@ -189,13 +215,14 @@ def install() -> str:
         modules = _kernel_modules()
     except ImportError as e:
         return f"vLLM's Triton LoRA kernels are not importable ({e}): nothing to change"
-    if do_shrink_kernel is None or do_expand_kernel is None:
-        return "vLLM's LoRA kernel_utils lack do_shrink_kernel/do_expand_kernel: keeping vLLM's grid"
-    for module, name, _, params, _ in modules:
-        current = getattr(module, name, None)
-        found = tuple(getattr(getattr(current, "replaced", current), "arg_names", ()))
-        if found != params:
-            return (f"{module.__name__}.{name} takes other parameters than the compact grid knows (vLLM 0.26's): "
+    # a kernel or per-block function with other parameters would fail to compile at the first LoRA step
+    expected = [(f"{module.__name__}.{name}", getattr(module, name, None), params)
+                for module, name, _, params, _ in modules]
+    expected += [("vLLM's kernel_utils.do_shrink_kernel", do_shrink_kernel, SHRINK_BLOCK_PARAMS),
+                 ("vLLM's kernel_utils.do_expand_kernel", do_expand_kernel, EXPAND_BLOCK_PARAMS)]
+    for where, function, params in expected:
+        if _parameters(function) != params:
+            return (f"{where} takes other parameters than the compact grid knows (vLLM 0.26's): "
                     "keeping vLLM's grid")
     for module, name, op, params, kernel in modules:
         current = getattr(module, name)

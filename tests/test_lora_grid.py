@@ -112,8 +112,8 @@ def vllm_kernels(monkeypatch):
     monkeypatch.setattr(lora_shrink_op, "_lora_shrink_kernel", Kernel(lora_grid.SHRINK_PARAMS))
     monkeypatch.setattr(lora_expand_op, "_lora_expand_kernel", Kernel(lora_grid.EXPAND_PARAMS))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(lora_grid, "do_shrink_kernel", object())
-    monkeypatch.setattr(lora_grid, "do_expand_kernel", object())
+    monkeypatch.setattr(lora_grid, "do_shrink_kernel", Kernel(lora_grid.SHRINK_BLOCK_PARAMS))
+    monkeypatch.setattr(lora_grid, "do_expand_kernel", Kernel(lora_grid.EXPAND_BLOCK_PARAMS))
     return lora_shrink_op, lora_expand_op
 
 
@@ -137,6 +137,20 @@ def test_install_keeps_vllms_grid_for_kernels_with_other_parameters(vllm_kernels
     assert "other parameters" in why and "_lora_shrink_kernel" in why
     assert not isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
     assert not isinstance(expand_op._lora_expand_kernel, lora_grid.CompactLaunch)  # both or neither
+
+
+def test_install_keeps_vllms_grid_when_the_per_block_code_changed(vllm_kernels, monkeypatch):
+    # this machine's vLLM (its CPU build: plain functions where Triton would be) split do_shrink_kernel's K loop
+    from vllm.lora.ops.triton_ops import kernel_utils
+
+    monkeypatch.setattr(lora_grid, "do_shrink_kernel", kernel_utils.do_shrink_kernel)
+    assert lora_grid._parameters(kernel_utils.do_shrink_kernel) != lora_grid.SHRINK_BLOCK_PARAMS
+    why = lora_grid.install()
+    assert "do_shrink_kernel takes other parameters" in why
+    shrink_op, expand_op = vllm_kernels
+    assert not isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
+    # its do_expand_kernel is vLLM 0.26's
+    assert lora_grid._parameters(kernel_utils.do_expand_kernel) == lora_grid.EXPAND_BLOCK_PARAMS
 
 
 def test_install_does_nothing_without_a_gpu(monkeypatch):
