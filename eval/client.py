@@ -124,6 +124,16 @@ def _retry_after(e) -> float | None:
         return None
 
 
+async def _within(seconds: float, coroutine):
+    """Await `coroutine` for at most `seconds` (asyncio.TimeoutError after). asyncio.timeout where there is one
+    (Python 3.11+): wait_for runs the coroutine as a task of its own, and a cancel (Ctrl-C) that lands just as that
+    task finishes is dropped there, so the run would go on as if no one had pressed it."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coroutine
+    return await asyncio.wait_for(coroutine, seconds)
+
+
 def _classify(e: BaseException) -> _RetryableError:
     """Map an exception from the SDK or the stream to an error type and whether retrying can help."""
     import openai
@@ -203,7 +213,7 @@ async def timed_chat(
         result = ChatResult(attempts=attempt)
         try:
             # The SDK's timeout bounds each read; this bounds the whole streamed answer.
-            await asyncio.wait_for(_stream_once(client, model, messages, max_tokens, seed, result), timeout_s)
+            await _within(timeout_s, _stream_once(client, model, messages, max_tokens, seed, result))
             return result
         except asyncio.CancelledError:
             raise

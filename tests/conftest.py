@@ -79,3 +79,6 @@ def pytest_configure(config):
     # Tests must never reach a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Importing TRL sets VLLM_LOGGING_LEVEL=ERROR for the rest of the process, and every server a later test starts
+    # inherits it; tests read the servers' logs, so they get vLLM's usual level whichever tests ran first.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")

@@ -201,7 +201,10 @@ def _write_configs(folder, gpu_prefix, shrink_table):
 def test_a_named_configs_folder_is_checked_before_the_engine_reads_it(monkeypatch, tmp_path):
     from loraplex.errors import LoraplexError
 
-    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    # set then removed, so that monkeypatch restores the variable's absence: use_config_folder sets it below, and
+    # servers later tests start would inherit it
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "")
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA_8B))
