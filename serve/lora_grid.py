@@ -221,6 +221,8 @@ def install() -> str:
     expected += [("vLLM's kernel_utils.do_shrink_kernel", do_shrink_kernel, SHRINK_BLOCK_PARAMS),
                  ("vLLM's kernel_utils.do_expand_kernel", do_expand_kernel, EXPAND_BLOCK_PARAMS)]
     for where, function, params in expected:
+        if function is None:
+            return f"this vLLM has no {where}: keeping vLLM's grid"
         if _parameters(function) != params:
             return (f"{where} takes other parameters than the compact grid knows (vLLM 0.26's): "
                     "keeping vLLM's grid")
