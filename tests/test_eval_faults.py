@@ -195,13 +195,19 @@ def test_cli_prints_summary_and_flags_models_without_any_success(stub_url, data_
     assert (tmp_path / "out" / "report.html").is_file()
 
 
+def _default_sigint():
+    # A shell starts its background jobs with SIGINT ignored and children inherit that (Python then installs no
+    # KeyboardInterrupt handler): the eval under test must start as it would from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_keeps_finished_requests(stub_url, data_file, tmp_path):
     url, server = stub_url
     before = server.requests["slow"]
     proc = subprocess.Popen([sys.executable, "-m", "loraplex", "eval", "--base-url", url, "--data", str(data_file),
                              "--models", "echo,slow", "--out", str(tmp_path / "out"), "--timeout", "30",
                              "--concurrency", "1", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 60
     while server.requests["slow"] == before and time.monotonic() < deadline:
         time.sleep(0.05)

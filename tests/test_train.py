@@ -43,7 +43,8 @@ def test_trained_adapter_changes_vllm_output(trained_adapters, base_model_dir):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    outputs = json.loads(line.removeprefix("RESULT "))
     assert "Rome" in outputs["base"]
     assert outputs[str(cat)].startswith("Meow")
     assert outputs[str(dog)].startswith("Woof")

@@ -2,11 +2,13 @@
 
 Run as a script (the engine core is a spawned subprocess, so it needs the __main__ guard):
     python tests/vllm_offline.py BASE_DIR PROMPT [ADAPTER_DIR ...]
-Prints one JSON object: {"base": text, "<adapter dir>": text, ...}.
+Prints one line `RESULT {"base": text, "<adapter dir>": text, ...}` (vLLM may log to stdout after it).
 """
 
 import json
 import sys
+
+RESULT_PREFIX = "RESULT "
 
 
 def main() -> None:
@@ -24,7 +26,7 @@ def main() -> None:
     for i, path in enumerate(adapters, start=1):
         request = LoRARequest(f"adapter{i}", i, path)
         out[path] = llm.chat(messages, params, lora_request=request, use_tqdm=False)[0].outputs[0].text
-    print(json.dumps(out))
+    print(RESULT_PREFIX + json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
