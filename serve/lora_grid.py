@@ -7,7 +7,8 @@ tokens that is A x M/BLOCK_M token blocks, of which at most M/BLOCK_M + A have w
 batch of 512 tokens, about nine in ten blocks of every LoRA kernel of every layer only start and return. The compact
 grid launches M/BLOCK_M + A token blocks; each finds its adapter and its block of that adapter's tokens from the
 per-adapter token counts vLLM already computes (a prefix sum over max_loras + 1 numbers, inside the kernel), then
-does vLLM's own block of work (do_shrink_kernel / do_expand_kernel), so the results are the same.
+does vLLM's own block of work (do_shrink_kernel / do_expand_kernel), so the results are vLLM's (up to the
+order in which split-K partial sums are added).
 
 Hand-written because vLLM has no such launch. It stands in for the kernel object that vLLM's launchers call (a
 module global), so vLLM's config lookup (tuned configs included), its custom ops and its CUDA-graph capture stay as
