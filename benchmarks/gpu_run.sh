@@ -11,9 +11,9 @@
 #                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER; COLD=1
 #                   also times first requests to new adapters)
 #   serve-vllm      vLLM's OpenAI server alone, with loraplex's LoRA sizing and kernel configs for this registry
-#                   ($CASES, $SLOTS, $SERVER_ARGS as for serve-slots, e.g. SERVER_ARGS="--worker-extension-cls
-#                   loraplex.serve.lora_grid_worker.CompactLoRAGrid" for loraplex's compact grid; PROFILE_CASES=8,32
-#                   then runs those once more under vLLM's profiler and reports GPU kernel time by kind)
+#                   and its compact LoRA grid (vLLM's --worker-extension-cls); $CASES, $SLOTS, $SERVER_ARGS as
+#                   for serve-slots; PROFILE_CASES=8,32 then runs those once more under vLLM's profiler and reports
+#                   GPU kernel time by kind)
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
