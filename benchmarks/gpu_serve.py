@@ -293,13 +293,14 @@ def kernel_time_by_kind(trace_file: Path, top: int = 12) -> dict:
             continue
         count += 1
         by_name[event["name"]] = by_name.get(event["name"], 0.0) + event.get("dur", 0) / 1000
+    kinds = {name: kernel_kind(name) for name in by_name}
     for name, ms in by_name.items():
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+        by_kind[kinds[name]] = by_kind.get(kinds[name], 0.0) + ms
     total = sum(by_kind.values())
     return {"trace": Path(trace_file).name, "kernels": count, "kernel_ms": round(total, 1),
             "by_kind": {kind: {"ms": round(ms, 1), "share": round(ms / total, 3) if total else None}
                         for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])},
-            "top_kernels": [{"name": name[:160], "ms": round(ms, 1), "kind": kernel_kind(name)}
+            "top_kernels": [{"name": name[:160], "ms": round(ms, 1), "kind": kinds[name]}
                             for name, ms in sorted(by_name.items(), key=lambda item: -item[1])[:top]]}
 
 

@@ -118,7 +118,7 @@ def build_engine(config: ServeConfig, loras: LoraSizing):
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, "
              "specialize_active_lora=%s, compact_lora_grid=%s)", config.model_path, loras.max_loras,
              loras.max_cpu_loras, loras.max_lora_rank, getattr(args, "specialize_active_lora", None),
-             compact_lora_grid(config, cpu=cpu))
+             args.worker_extension_cls == COMPACT_LORA_GRID_WORKER)
     # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
     # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
     # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.

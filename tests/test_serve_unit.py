@@ -180,7 +180,6 @@ def test_lora_grids_follow_the_active_adapters_where_cuda_graphs_run(tmp_path):
         specialize_active_lora(_config(tmp_path, specialize_active_lora=True), cpu=False, supported=False)
 
 
-
 def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
     from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER, engine_args_from
 
@@ -190,6 +189,7 @@ def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
     assert not engine_args_from(_config(tmp_path, compact_lora_grid=False), loras, cpu=False).worker_extension_cls
     assert engine_args_from(_config(tmp_path, compact_lora_grid=True), loras,
                             cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
+
 
 # ---------------------------------------------------------------- adapter manager: LoRA id versions
 
