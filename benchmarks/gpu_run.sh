@@ -17,6 +17,7 @@
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
+#   lora-load       where the time of loading one adapter into vLLM's CPU cache goes (benchmarks/gpu_lora_load.py)
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
 #   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
@@ -71,7 +72,7 @@ step_check() {
   python3 - <<'EOF'
 import importlib, sys
 for name in ("torch", "vllm", "bitsandbytes", "trl", "peft", "transformers", "liger_kernel", "loraplex.cli",
-             "loraplex.serve.app", "loraplex.train.trainer", "httpx"):
+             "loraplex.serve.app", "loraplex.train.trainer", "httpx", "pynvml", "prometheus_client"):
     try:
         module = importlib.import_module(name)
         print(f"{name:24s} {getattr(module, '__version__', '')}  {getattr(module, '__file__', '')}")
@@ -161,6 +162,12 @@ step_grid_bench() {
   timeout "$(left)" python3 benchmarks/gpu_lora_grid.py --out "$OUT/lora-grid.json" ${GRID_ARGS:-} 2>&1 | grep -v -i "warn"
 }
 
+step_lora_load() {
+  setup || return 1
+  say "loading one adapter: read, vLLM's load, pinning, copy to the GPU"
+  timeout "$(left)" python3 benchmarks/gpu_lora_load.py --registry "$REG" --out "$OUT/lora-load.json" 2>&1 | grep -v -i "warn" | tail -40
+}
+
 step_detach() {
   mkdir -p "$KEEP" && rm -f "$KEEP/detached.done"
   KEEP=$KEEP OUT=$KEEP setsid nohup bash -c 'bash "$0" "$@"; touch "$KEEP/detached.done"' "$0" "$@" \
@@ -210,6 +217,7 @@ while [ $# -gt 0 ]; do
     serve-vllm) step_serve_vllm 2>&1 | tee -a "$OUT/serve-vllm.log" ;;
     tune-lora) step_tune_lora 2>&1 | tee -a "$OUT/tune-lora.log" ;;
     grid-bench) step_grid_bench 2>&1 | tee -a "$OUT/grid-bench.log" ;;
+    lora-load) step_lora_load 2>&1 | tee -a "$OUT/lora-load.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;
     detach) step_detach "$@"; exit 0 ;;
     wait) step_wait "$1"; shift ;;

@@ -189,6 +189,103 @@ def summarize(records: list[dict], output_len: int) -> dict:
     return stats
 
 
+# ---------------------------------------------------------------- what the server did during a burst
+# Tokens/s alone cannot tell a GPU that is busy with slow kernels from one that waits for the host (scheduling,
+# adapter swaps) or for work (few requests admitted): these samples, taken beside each burst, can.
+
+RUNNING_METRIC, WAITING_METRIC = "vllm:num_requests_running", "vllm:num_requests_waiting"
+
+
+def engine_queue(metrics_text: str) -> dict[str, float]:
+    """Running and waiting requests from a Prometheus /metrics page (vLLM's gauges, which `loraplex serve`
+    also exports), summed over label sets; absent gauges are left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {RUNNING_METRIC: "running", WAITING_METRIC: "waiting"}
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                found[wanted[sample.name]] = found.get(wanted[sample.name], 0.0) + sample.value
+    return found
+
+
+class BurstSampler:
+    """Samples, in a thread, the GPU's busy fraction (NVML's utilization.gpu: the share of time any kernel ran,
+    through pynvml or else nvidia-smi) every 0.25 s and the engine's running and waiting requests (/metrics)
+    every 0.5 s, until stopped; `summary` gives the means over the burst's own span (the clients start a moment
+    after the sampler). Where NVML or /metrics is missing those fields are left out."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.stop_event = url, threading.Event()
+        self.busy: list[tuple[float, float]] = []  # (time, busy fraction)
+        self.queue: list[tuple[float, dict[str, float]]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+
+    def _run(self):
+        import httpx
+
+        read_busy = gpu_busy_reader()
+        tick = 0
+        with httpx.Client(timeout=2.0) as http:
+            while not self.stop_event.wait(0.25):
+                if read_busy is not None:
+                    try:
+                        self.busy.append((time.time(), read_busy()))
+                    except Exception:
+                        read_busy = None
+                tick += 1
+                if tick % 2 == 0:
+                    try:
+                        self.queue.append((time.time(), engine_queue(http.get(self.url + "/metrics").text)))
+                    except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
+                        pass
+
+    def summary(self, records: list[dict]) -> dict:
+        if not records:
+            return {}
+        start, end = min(r["start"] for r in records), max(r["end"] for r in records)
+        busy = [value for t, value in self.busy if start <= t <= end]
+        queue = [q for t, q in self.queue if start <= t <= end]
+        out = {}
+        if busy:
+            out["gpu_busy_mean"] = round(sum(busy) / len(busy), 3)
+        for key in ("running", "waiting"):
+            values = [q[key] for q in queue if key in q]
+            if values:
+                out[f"{key}_mean"] = round(sum(values) / len(values), 1)
+                out[f"{key}_max"] = max(values)
+        return out
+
+
+def gpu_busy_reader():
+    """A function returning GPU 0's busy fraction now, or None where there is no NVIDIA GPU to ask."""
+    import shutil
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+    except Exception:  # no pynvml here: nvidia-smi asks NVML the same question
+        pass
+    if not shutil.which("nvidia-smi"):
+        return None
+    command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
+    return lambda: int(subprocess.run(command, capture_output=True, text=True, timeout=5).stdout.strip()) / 100
+
+
 # ---------------------------------------------------------------- servers
 
 def vllm_lora_flags(sizing) -> list[str]:
@@ -433,9 +530,10 @@ def bench(args) -> dict:
             for index, spec in enumerate(args.cases.split(",")):
                 models = traffic(spec, adapters, base, args.requests, seed=index)
                 prompts = random_prompts(args.requests, args.prompt_len, seed=1000 + index)
-                records = client.burst(server.url, [completion_body(m, p, args.output_len)
-                                                    for m, p in zip(models, prompts)])
-                stats = summarize(records, args.output_len)
+                with BurstSampler(server.url) as sampler:
+                    records = client.burst(server.url, [completion_body(m, p, args.output_len)
+                                                        for m, p in zip(models, prompts)])
+                stats = {**summarize(records, args.output_len), **sampler.summary(records)}
                 count, mix = parse_case(spec)
                 again = spec == "base" and any(c["adapters"] == 0 for c in cases)
                 name = case_label(spec) + (" (again)" if again else "")

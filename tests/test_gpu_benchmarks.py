@@ -71,6 +71,23 @@ def test_summary_of_streams():
     assert gpu_serve.summarize(records[-1:], 128)["errors"] == 1
 
 
+
+def test_burst_samples_count_only_the_bursts_own_span():
+    metrics = ('# TYPE vllm:num_requests_running gauge\n'
+               'vllm:num_requests_running{engine="0",model_name="m"} 36.0\n'
+               'vllm:num_requests_waiting{engine="0",model_name="m"} 400.0\n'
+               'loraplex_requests_in_flight 436.0\n')
+    assert gpu_serve.engine_queue(metrics) == {"running": 36.0, "waiting": 400.0}
+    assert gpu_serve.engine_queue("loraplex_requests_in_flight 3.0\n") == {}
+
+    sampler = gpu_serve.BurstSampler("http://127.0.0.1:9")
+    sampler.busy = [(9.5, 0.0), (10.5, 0.5), (11.5, 1.0), (13.0, 0.0)]  # before and after the burst: idle
+    sampler.queue = [(10.2, {"running": 30.0, "waiting": 10.0}), (11.8, {"running": 50.0, "waiting": 0.0})]
+    records = [{"start": 10.0, "end": 12.0}, {"start": 10.1, "end": 11.0}]
+    assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
+                                        "waiting_mean": 5.0, "waiting_max": 10.0}
+    assert sampler.summary([]) == {}
+
 def test_server_commands_share_lora_settings(tmp_path):
     from loraplex.serve.adapters import size_loras
 
@@ -203,3 +220,12 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="cannot run here: no CUDA GPU"):
         gpu_lora_grid.main(["--slots", "16", "--batches", "256", "--out", str(tmp_path / "grid.json")])
     assert not (tmp_path / "grid.json").exists()
+
+
+def test_adapter_load_probe_needs_distinct_adapters(tmp_path):
+    import gpu_lora_load
+
+    (tmp_path / "a000").mkdir()
+    (tmp_path / "a000" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="has 1 adapters; need 40"):
+        gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5"])

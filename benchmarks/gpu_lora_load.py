@@ -1,0 +1,144 @@
+"""Where the time goes when vLLM loads one LoRA adapter from disk into its CPU cache, on a GPU machine.
+
+A first request that races an adapter's publish waits for this load (`add_lora`: vLLM reads the safetensors file,
+casts, pins every tensor for asynchronous copies to the GPU, then copies it into a GPU slot). Timed here apart,
+each in a fresh process per allocator setting, medians over distinct adapters so that no step reuses another's
+pinned blocks unless that is what is measured:
+
+    read           safetensors file -> CPU tensors
+    vllm_load      vLLM's LoRAModel.from_local_checkpoint(device="cpu"), as its worker calls it (pinned)
+    vllm_unpinned  the same with vLLM's PIN_MEMORY off
+    pin_each       pin_memory() on each tensor of a loaded adapter (new pinned blocks)
+    pin_reuse      the same after freeing an adapter's pinned tensors (torch's host allocator reuses blocks)
+    pin_one        one pinned buffer for the whole adapter, tensors copied into views of it
+    to_gpu         copy a pinned adapter's tensors to the GPU and synchronise
+
+    python benchmarks/gpu_lora_load.py --registry /tmp/bench/registry --out /tmp/out/lora-load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import log, versions, write_result  # noqa: E402
+
+# torch's documented host-allocator options: malloc + cudaHostRegister in threads instead of cudaHostAlloc
+ALLOCATOR_SETTINGS = {"default": None,
+                      "host_register_8_threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"}
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _ms(fn) -> tuple[float, object]:
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000, result
+
+
+def measure(adapters: list[Path], repeats: int) -> dict:
+    """Runs in the process whose allocator setting is measured."""
+    import safetensors.torch
+    import torch
+    from vllm.lora import lora_model
+    from vllm.lora.peft_helper import PEFTHelper
+
+    torch.zeros(1, device="cuda")  # the CUDA context is not part of any load
+    files = [a / "adapter_model.safetensors" for a in adapters]
+    for f in files:  # page cache: a just-published adapter was just written
+        f.read_bytes()
+    pool = iter(adapters)
+    keep = []  # holds every pinned tensor so that no measurement reuses another's freed blocks
+
+    def vllm_load(path: Path):
+        helper = PEFTHelper.from_local_dir(str(path), 4096)
+        return lora_model.LoRAModel.from_local_checkpoint(str(path), set(TARGET_MODULES), peft_helper=helper,
+                                                          lora_model_id=1, device="cpu", dtype=torch.bfloat16)
+
+    times: dict[str, list[float]] = {}
+
+    def record(name, ms):
+        times.setdefault(name, []).append(ms)
+
+    for _ in range(repeats):
+        record("read", _ms(lambda: safetensors.torch.load_file(next(pool)))[0])
+        ms, model = _ms(lambda: vllm_load(next(pool)))
+        record("vllm_load", ms)
+        keep.append(model)
+        pinned_default = lora_model.PIN_MEMORY
+        lora_model.PIN_MEMORY = False
+        record("vllm_unpinned", _ms(lambda: vllm_load(next(pool)))[0])
+        lora_model.PIN_MEMORY = pinned_default
+        tensors = list(safetensors.torch.load_file(next(pool)).values())
+        ms, pinned = _ms(lambda: [t.pin_memory() for t in tensors])
+        record("pin_each", ms)
+        del pinned  # its blocks go back to the host allocator's cache
+        record("pin_reuse", _ms(lambda: keep.append([t.pin_memory() for t in tensors]))[0])
+
+        def pin_one():
+            total = sum(t.numel() * t.element_size() for t in tensors)
+            buffer = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            views, offset = [], 0
+            for t in tensors:
+                size = t.numel() * t.element_size()
+                view = buffer[offset:offset + size].view(t.dtype).view(t.shape)
+                view.copy_(t)
+                views.append(view)
+                offset += size
+            return views
+
+        ms, views = _ms(pin_one)
+        record("pin_one", ms)
+        keep.append(views)
+        record("to_gpu", _ms(lambda: [v.to("cuda", non_blocking=True) for v in views])[0])
+    adapter_mb = sum(t.numel() * t.element_size() for t in tensors) / 1e6
+    return {"adapter_mb": round(adapter_mb, 1), "tensors": len(tensors),
+            "median_ms": {name: round(statistics.median(values), 1) for name, values in times.items()},
+            "all_ms": {name: [round(v, 1) for v in values] for name, values in times.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", type=Path, required=True, help="Registry of random adapters (prepare's).")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="Result JSON (omitted: printed only).")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one allocator setting, in its own process
+    args = parser.parse_args(argv)
+    adapters = sorted(p for p in args.registry.iterdir() if (p / "adapter_model.safetensors").is_file())
+    needed = 4 * args.repeats  # read, vllm_load, vllm_unpinned and the pin steps each take a distinct adapter
+    if len(adapters) < needed * len(ALLOCATOR_SETTINGS):
+        raise SystemExit(f"{args.registry} has {len(adapters)} adapters; need {needed * len(ALLOCATOR_SETTINGS)}")
+    if args.child is not None:
+        index = list(ALLOCATOR_SETTINGS).index(args.child)
+        print("RESULT " + json.dumps(measure(adapters[index * needed:(index + 1) * needed], args.repeats)))
+        return
+    results = {}
+    for name, setting in ALLOCATOR_SETTINGS.items():
+        env = dict(os.environ)
+        if setting is not None:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = setting
+        done = subprocess.run([sys.executable, __file__, "--registry", str(args.registry), "--repeats",
+                               str(args.repeats), "--child", name], env=env, capture_output=True, text=True)
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        results[name] = json.loads(line[7:]) if line else {"error": (done.stderr or done.stdout)[-2000:]}
+        log(name, json.dumps(results[name].get("median_ms", results[name])))
+    document = {"kind": "lora-load", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
+                "allocator_settings": ALLOCATOR_SETTINGS, "results": results}
+    if args.out:
+        write_result(args.out, document)
+    print(json.dumps(document, indent=1))
+
+
+if __name__ == "__main__":
+    main()
