@@ -49,7 +49,7 @@ def _ms(fn) -> tuple[float, object]:
 
 def measure(adapters: list[Path], repeats: int) -> dict:
     """Runs in the process whose allocator setting is measured."""
-    import safetensors.torch
+    import safetensors
     import torch
     from vllm.lora import lora_model
     from vllm.lora.peft_helper import PEFTHelper
@@ -60,6 +60,10 @@ def measure(adapters: list[Path], repeats: int) -> dict:
         f.read_bytes()
     pool = iter(adapters)
     keep = []  # holds every pinned tensor so that no measurement reuses another's freed blocks
+
+    def read(file: Path) -> dict:  # as vLLM reads it (safetensors' load_file fails on some filesystems)
+        with safetensors.safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
 
     def vllm_load(path: Path):
         helper = PEFTHelper.from_local_dir(str(path), 4096)
@@ -72,7 +76,7 @@ def measure(adapters: list[Path], repeats: int) -> dict:
         times.setdefault(name, []).append(ms)
 
     for _ in range(repeats):
-        record("read", _ms(lambda: safetensors.torch.load_file(next(pool)))[0])
+        record("read", _ms(lambda: read(next(pool) / "adapter_model.safetensors"))[0])
         ms, model = _ms(lambda: vllm_load(next(pool)))
         record("vllm_load", ms)
         keep.append(model)
@@ -80,7 +84,7 @@ def measure(adapters: list[Path], repeats: int) -> dict:
         lora_model.PIN_MEMORY = False
         record("vllm_unpinned", _ms(lambda: vllm_load(next(pool)))[0])
         lora_model.PIN_MEMORY = pinned_default
-        tensors = list(safetensors.torch.load_file(next(pool)).values())
+        tensors = list(read(next(pool) / "adapter_model.safetensors").values())
         ms, pinned = _ms(lambda: [t.pin_memory() for t in tensors])
         record("pin_each", ms)
         del pinned  # its blocks go back to the host allocator's cache
