@@ -18,7 +18,8 @@
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
 #   lora-load       where the time of loading one adapter into vLLM's CPU cache goes (benchmarks/gpu_lora_load.py)
-#   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine),
+#   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine;
+#                   their time limit is ${DETACHED_LIMIT_S:-1500} s, not RUN_LIMIT_S),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
 #   wait SECONDS    wait up to SECONDS for the detached steps, then copy their results and log tails to $OUT
 #   train           QLoRA recipes, each in its own process, merged into one result
@@ -170,7 +171,8 @@ step_lora_load() {
 
 step_detach() {
   mkdir -p "$KEEP" && rm -f "$KEEP/detached.done"
-  KEEP=$KEEP OUT=$KEEP setsid nohup bash -c 'bash "$0" "$@"; touch "$KEEP/detached.done"' "$0" "$@" \
+  # not this command's RUN_LIMIT_S: a detached server outlives the command (a cold first start alone takes ~430 s)
+  RUN_LIMIT_S=${DETACHED_LIMIT_S:-1500} KEEP=$KEEP OUT=$KEEP setsid nohup bash -c 'bash "$0" "$@"; touch "$KEEP/detached.done"' "$0" "$@" \
     >> "$KEEP/detached.log" 2>&1 < /dev/null &
   say "detached: $* (log $KEEP/detached.log)"
 }
