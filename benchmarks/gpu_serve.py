@@ -3,7 +3,8 @@
 `prepare` builds what is measured (a random-weight model and random rank-16 adapters on every linear layer);
 `bench` starts one server with every adapter of the registry, then sends the traffic of each case as one burst
 of streaming /v1/completions requests (fixed lengths: random prompt token ids, ignore_eos and min_tokens) and
-records output tokens/s over the burst and time to first token. Every case's prompts are new, so no case is
+records output tokens/s over the burst and time to first token, with the GPU's busy fraction and the engine's
+running and waiting requests sampled over the burst (`BurstSampler`). Every case's prompts are new, so no case is
 helped by the prefix cache. Cases:
 
     base          every request to the base model (run first and last: the ratio's reference and its drift)
