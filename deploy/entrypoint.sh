@@ -14,7 +14,7 @@ VALUE_FLAGS="base-model adapters-dir host port platform aliases allowed-adapter-
   max-lora-rank max-model-len max-num-seqs max-queue max-request-bytes default-max-tokens max-tokens-limit
   scan-interval dtype seed tensor-parallel-size pipeline-parallel-size distributed-executor-backend
   gpu-memory-utilization kv-cache-gb lora-kernel-configs"
-SWITCH_FLAGS="enforce-eager log-requests"
+SWITCH_FLAGS="enforce-eager log-requests warmup"
 ON_OFF_FLAGS="specialize-active-lora compact-lora-grid"
 
 if [[ "${1:-}" == "serve" ]]; then

@@ -409,6 +409,10 @@ async def run(config: ServeConfig) -> None:
         metrics = Metrics()
         serving = Serving(config, engine, tokenizer, adapters, aliases, metrics)
         await adapters.scan()
+        if config.warmup:
+            from loraplex.serve.warmup import warm_up
+
+            await warm_up(engine, adapters, loras.max_loras)
         metrics.bind(lambda: eng.unfinished_requests(engine), lambda: len(adapters.current),
                      lambda: len(adapters.unavailable))
         changed = asyncio.Event()

@@ -63,6 +63,10 @@ def serve(
         help="Launch vLLM's LoRA kernels only over the token blocks each adapter in a batch has, instead of every "
         "adapter times the whole batch (CUDA GPUs with vLLM 0.26's kernels; elsewhere it logs why it does "
         "nothing). Default: on with a GPU.")] = None,
+    warmup: Annotated[bool, typer.Option(
+        help="Before saying ready, run the registry's adapters through the engine in the batch kinds that compile "
+        "LoRA kernels on first use (one to many adapters, 1,024-8,192-token batches), so that the first bursts of "
+        "traffic do not pause for them; a few seconds more at start.")] = False,
     lora_kernel_configs: Annotated[Optional[str], typer.Option(
         help="Folder of tuned LoRA kernel configs (what `loraplex tune-lora-kernels --out` writes), or none for "
         "vLLM's defaults. Default: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where they were "
@@ -113,7 +117,7 @@ def serve(
         admin_key=admin_key,
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-        specialize_active_lora=specialize_active_lora, compact_lora_grid=compact_lora_grid,
+        specialize_active_lora=specialize_active_lora, compact_lora_grid=compact_lora_grid, warmup=warmup,
         lora_kernel_configs=lora_kernel_configs,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,

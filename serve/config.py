@@ -41,7 +41,10 @@ class ServeConfig:
     pays for the adapters it uses rather than for every slot. None: on with CUDA graphs on GPU, else vLLM's default."""
     compact_lora_grid: bool | None = None
     """Launch vLLM's LoRA kernels only over the token blocks each adapter has (`--compact-lora-grid`,
-    serve/lora_grid.py) instead of over every adapter times the whole batch. None: loraplex's default (off)."""
+    serve/lora_grid.py) instead of over every adapter times the whole batch. None: on with a GPU."""
+    warmup: bool = False
+    """Before saying ready, run the registry's adapters through the engine in the batch kinds that compile LoRA
+    kernels on first use (`--warmup`, serve/warmup.py), so that the first bursts of traffic do not pause."""
     lora_kernel_configs: str | None = None
     """Folder of tuned LoRA kernel configs for vLLM (`--lora-kernel-configs`, as `loraplex tune-lora-kernels` writes
     them), or "none" for vLLM's defaults. None: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where

@@ -49,6 +49,24 @@ def make_other_base_adapter(out_dir: Path | str, *, rank: int = 8, seed: int = 0
     return _save_random_lora(model, "tiny-random-llama", out_dir, rank, ALL_LINEAR, 0.06, False)
 
 
+
+def make_tiny_base(out_dir: Path | str, tokenizer_from: Path | str) -> Path:
+    """A tiny randomly initialised Llama with another model's tokenizer (and vocabulary size): a servable base
+    model whose batches cost next to nothing on CPU, for tests that need many tokens through the engine."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    # head size 64: vLLM's CPU attention supports no smaller
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
 def _save_random_lora(model, base_name: str, out_dir, rank, target_modules, scale, use_dora) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model

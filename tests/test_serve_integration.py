@@ -23,6 +23,7 @@ from adapter_factory import (
     make_high_rank_copy,
     make_missing_weights_copy,
     make_other_base_adapter,
+    make_tiny_base,
 )
 from live_server import running_server, server_log, server_pid, wait_until
 
@@ -207,6 +208,28 @@ def test_compact_lora_grid_reaches_vllms_worker(server):
     assert wait_until(lambda: "LoRA kernels: no CUDA GPU here" in server_log(server), timeout=10), \
         server_log(server)[-3000:]
 
+
+
+
+
+def test_warmup_runs_the_registry_adapters_before_ready(base_model_dir, tmp_path):
+    # A tiny random base, so that the warm-up's batches (vLLM's largest on this CPU: 1,024-2,048 tokens) cost
+    # little. On CPU nothing compiles: this shows that the batches go through the real engine with the
+    # registry's adapters before the server says ready, and that it serves after.
+    base = make_tiny_base(tmp_path / "tiny", tokenizer_from=base_model_dir)
+    for seed, name in enumerate(("t1", "t2", "t3")):
+        make_adapter(base, tmp_path / "registry" / name, seed=seed)
+    with running_server(base, tmp_path / "registry", "--warmup", "--max-model-len", "512",
+                        "--scan-interval", "3600") as url:
+        log = server_log(url)
+        found = re.search(r"warm-up: (\d+) batches of (\d+)-(\d+) tokens over 1-(\d+) adapters", log)
+        assert found, log[-3000:]
+        batches, smallest, largest, adapters = map(int, found.groups())
+        assert (batches, adapters) == (4, 2) and 1000 <= smallest <= largest <= 2048  # 1 or 2 adapters of 3
+        assert log.index("warm-up:") < log.index("Uvicorn running")
+        answer = openai.OpenAI(base_url=url + "/v1", api_key="-").completions.create(
+            model="t3", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
+        assert answer.usage.completion_tokens == 2
 
 def test_mixed_adapters_concurrent_equal_alone(client, server):
     prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What is 2 plus 2?"]

@@ -508,3 +508,59 @@ def test_registry_watch_wakes_on_a_publish_not_on_its_staging(tmp_path):
     assert live, "the registry watch never reported a change"
     assert not woke_on_staging
     assert woke_on_publish
+
+
+def test_warmup_plan_covers_each_adapter_count_and_batch_size_the_engine_admits():
+    from loraplex.serve.warmup import warmup_plan
+
+    names = [f"a{i}" for i in range(20)]
+    plan = warmup_plan(names, max_loras=16, max_batch_tokens=4096, max_model_len=4096)
+    kinds = {(len({name for name, _ in group}), sum(n for _, n in group)) for group in plan}
+    assert kinds == {(count, tokens) for count in (1, 2, 4, 8, 16) for tokens in (1024, 2048, 4096)}
+    # a short context: more prompts than adapters, each within the context, the batch size kept
+    short = warmup_plan(names[:2], max_loras=16, max_batch_tokens=8192, max_model_len=256)
+    assert all(length <= 255 for group in short for _, length in group)
+    assert {len({name for name, _ in group}) for group in short} == {1, 2}
+    assert all(sum(n for _, n in group) > 0.95 * target for group, target in zip(short, (1024, 2048, 4096, 8192) * 2))
+    assert warmup_plan([], max_loras=16, max_batch_tokens=8192, max_model_len=4096) == []
+    assert warmup_plan(names, max_loras=16, max_batch_tokens=512, max_model_len=4096) == []
+
+
+class GeneratingEngine:
+    """Stands in for AsyncLLM.generate: records each request and yields one output."""
+
+    def __init__(self, max_batch_tokens: int, max_model_len: int):
+        from types import SimpleNamespace
+
+        model_config = SimpleNamespace(max_model_len=max_model_len, get_vocab_size=lambda: 1000)
+        self.vllm_config = SimpleNamespace(model_config=model_config,
+                                           scheduler_config=SimpleNamespace(max_num_batched_tokens=max_batch_tokens))
+        self.requests: list[tuple[str, list[int], int, str]] = []
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        self.requests.append((request_id, prompt["prompt_token_ids"], params.max_tokens, lora_request.lora_name))
+        yield object()
+
+
+def test_warmup_sends_each_group_through_the_engine_with_the_adapters_lora_requests(tmp_path):
+    from types import SimpleNamespace
+
+    from loraplex.serve.adapters import AdapterVersion
+    from loraplex.serve.warmup import warm_up
+
+    versions = {name: AdapterVersion(name=name, path=tmp_path / name, key=(), lora_id=i + 1, info=None)
+                for i, name in enumerate(["b", "a", "c"])}
+    engine = GeneratingEngine(max_batch_tokens=2048, max_model_len=1024)
+    asyncio.run(warm_up(engine, SimpleNamespace(current=versions), max_loras=16))
+    # counts 1 and 2 (not 4: three adapters) x batches of 1,024 and 2,048 tokens; prompts of at most 1,023
+    groups = Counter(request_id.rsplit("-", 1)[0] for request_id, *_ in engine.requests)
+    assert len(groups) == 4
+    assert all(max_tokens == 1 for *_, max_tokens, _ in engine.requests)
+    assert all(0 < len(ids) <= 1023 and all(0 <= t < 1000 for t in ids) for _, ids, _, _ in engine.requests)
+    assert {lora for *_, lora in engine.requests} == {"a.v2", "b.v1"}  # the first adapters by name
+    prompts = [tuple(ids) for _, ids, _, _ in engine.requests]
+    assert len(set(prompts)) == len(prompts)  # distinct: the prefix cache must not skip the work
+
+    idle = GeneratingEngine(max_batch_tokens=2048, max_model_len=1024)
+    asyncio.run(warm_up(idle, SimpleNamespace(current={}), max_loras=16))
+    assert idle.requests == []

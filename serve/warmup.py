@@ -1,0 +1,77 @@
+"""Start-up warm-up (`--warmup`): before the server says it is ready, run through the engine the kinds of LoRA
+batch that make vLLM compile kernels on first use, so that real traffic does not pause for them.
+
+Why: vLLM's Triton LoRA kernels compile one variant per tile config, and tuned tables choose a config per bucket
+of batch size. vLLM's own start compiles those that its profiling run and its CUDA-graph captures meet (decode
+batches up to the largest graph), but not those of larger mixed prefill batches, with one adapter (vLLM's kernel)
+or with several (the compact grid). On an H200 the first bursts of each kind paused 1.3-5.1 s on the first two
+servers started on a machine and not at all on the third (BENCHMARKS.md, seventh session).
+
+The plan is one group of prompts per (distinct adapters, batch tokens) pair, sent together so that the engine
+prefills the group in one step; prompts are random token ids, distinct, so the prefix cache skips nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+log = logging.getLogger("loraplex.serve")
+
+# Batch sizes (tokens in one engine step) above the CUDA-graph sizes, up to vLLM's largest prefill chunk on a GPU
+WARMUP_BATCH_TOKENS = (1024, 2048, 4096, 8192)
+WARMUP_ADAPTER_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_model_len: int,
+                batch_tokens: tuple[int, ...] = WARMUP_BATCH_TOKENS) -> list[list[tuple[str, int]]]:
+    """Groups of (adapter name, prompt length). For each count of distinct adapters a batch can hold (powers of
+    2 up to the slots and the registry) and each batch size the engine admits, prompts whose lengths add up to
+    that size, spread round-robin over that many adapters (more prompts than adapters where one prompt would
+    not fit the context)."""
+    if not adapters:
+        return []
+    longest = max(1, max_model_len - 1)  # one token left to generate
+    counts = [c for c in WARMUP_ADAPTER_COUNTS if c <= min(max_loras, len(adapters))]
+    plan = []
+    for count in counts:
+        for tokens in (t for t in batch_tokens if t <= max_batch_tokens):
+            prompts = max(count, -(-tokens // longest))
+            length = tokens // prompts
+            if length < 1:
+                continue
+            plan.append([(adapters[i % count], length) for i in range(prompts)])
+    return plan
+
+
+async def warm_up(engine, adapters, max_loras: int) -> None:
+    """Runs the plan through `engine` with the loaded registry adapters (`adapters`: the AdapterManager), one
+    group at a time, each prompt generating one token; logs what it ran and how long it took."""
+    from vllm import SamplingParams
+
+    versions = sorted(adapters.current.values(), key=lambda v: v.name)
+    config = engine.vllm_config
+    plan = warmup_plan([v.name for v in versions], max_loras, config.scheduler_config.max_num_batched_tokens,
+                       config.model_config.max_model_len)
+    if not plan:
+        log.info("warm-up: no adapters loaded, nothing to warm")
+        return
+    by_name = {v.name: v for v in versions}
+    vocab = config.model_config.get_vocab_size()
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    started = time.perf_counter()
+
+    async def one(request_id: str, name: str, length: int) -> None:
+        prompt = {"type": "token", "prompt_token_ids": [rng.randrange(vocab) for _ in range(length)]}
+        async for _ in engine.generate(prompt, params, request_id, lora_request=by_name[name].lora_request()):
+            pass
+
+    for g, group in enumerate(plan):
+        await asyncio.gather(*(one(f"loraplex-warmup-{g}-{i}", name, length)
+                               for i, (name, length) in enumerate(group)))
+    log.info("warm-up: %d batches of %d-%d tokens over 1-%d adapters in %.1f s", len(plan),
+             min(sum(n for _, n in group) for group in plan), max(sum(n for _, n in group) for group in plan),
+             max(len({name for name, _ in group}) for group in plan), time.perf_counter() - started)
