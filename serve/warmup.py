@@ -69,9 +69,17 @@ async def warm_up(engine, adapters, max_loras: int) -> None:
         async for _ in engine.generate(prompt, params, request_id, lora_request=by_name[name].lora_request()):
             pass
 
-    for g, group in enumerate(plan):
-        await asyncio.gather(*(one(f"loraplex-warmup-{g}-{i}", name, length)
-                               for i, (name, length) in enumerate(group)))
+    try:
+        for g, group in enumerate(plan):
+            await asyncio.gather(*(one(f"loraplex-warmup-{g}-{i}", name, length)
+                                   for i, (name, length) in enumerate(group)))
+    except Exception as e:  # a warm-up is an optimisation: the server serves without it, unless the engine died
+        from loraplex.serve.engine import is_engine_dead
+
+        if is_engine_dead(e):
+            raise
+        log.warning("warm-up stopped after %.1f s, serving without it: %s", time.perf_counter() - started, e)
+        return
     log.info("warm-up: %d batches of %d-%d tokens over 1-%d adapters in %.1f s", len(plan),
              min(sum(n for _, n in group) for group in plan), max(sum(n for _, n in group) for group in plan),
              max(len({name for name, _ in group}) for group in plan), time.perf_counter() - started)

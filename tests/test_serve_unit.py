@@ -564,3 +564,21 @@ def test_warmup_sends_each_group_through_the_engine_with_the_adapters_lora_reque
     idle = GeneratingEngine(max_batch_tokens=2048, max_model_len=1024)
     asyncio.run(warm_up(idle, SimpleNamespace(current={}), max_loras=16))
     assert idle.requests == []
+
+
+
+def test_a_failed_warmup_is_logged_and_the_server_goes_on(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from loraplex.serve.adapters import AdapterVersion
+    from loraplex.serve.warmup import warm_up
+
+    class RefusingEngine(GeneratingEngine):
+        async def generate(self, prompt, params, request_id, lora_request=None):
+            raise ValueError("prompt too long")
+            yield
+
+    versions = {"a": AdapterVersion(name="a", path=tmp_path / "a", key=(), lora_id=1, info=None)}
+    with caplog.at_level("WARNING", logger="loraplex.serve"):
+        asyncio.run(warm_up(RefusingEngine(2048, 1024), SimpleNamespace(current=versions), max_loras=16))
+    assert "warm-up stopped" in caplog.text and "prompt too long" in caplog.text
