@@ -80,6 +80,6 @@ async def warm_up(engine, adapters, max_loras: int) -> None:
             raise
         log.warning("warm-up stopped after %.1f s, serving without it: %s", time.perf_counter() - started, e)
         return
-    log.info("warm-up: %d batches of %d-%d tokens over 1-%d adapters in %.1f s", len(plan),
-             min(sum(n for _, n in group) for group in plan), max(sum(n for _, n in group) for group in plan),
+    sizes = [sum(length for _, length in group) for group in plan]
+    log.info("warm-up: %d batches of %d-%d tokens over 1-%d adapters in %.1f s", len(plan), min(sizes), max(sizes),
              max(len({name for name, _ in group}) for group in plan), time.perf_counter() - started)

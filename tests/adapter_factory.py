@@ -49,7 +49,6 @@ def make_other_base_adapter(out_dir: Path | str, *, rank: int = 8, seed: int = 0
     return _save_random_lora(model, "tiny-random-llama", out_dir, rank, ALL_LINEAR, 0.06, False)
 
 
-
 def make_tiny_base(out_dir: Path | str, tokenizer_from: Path | str) -> Path:
     """A tiny randomly initialised Llama with another model's tokenizer (and vocabulary size): a servable base
     model whose batches cost next to nothing on CPU, for tests that need many tokens through the engine."""
@@ -66,6 +65,7 @@ def make_tiny_base(out_dir: Path | str, tokenizer_from: Path | str) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
+
 
 def _save_random_lora(model, base_name: str, out_dir, rank, target_modules, scale, use_dora) -> Path:
     import torch

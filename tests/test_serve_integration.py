@@ -209,9 +209,6 @@ def test_compact_lora_grid_reaches_vllms_worker(server):
         server_log(server)[-3000:]
 
 
-
-
-
 def test_warmup_runs_the_registry_adapters_before_ready(base_model_dir, tmp_path):
     # A tiny random base, so that the warm-up's batches (vLLM's largest on this CPU: 1,024-2,048 tokens) cost
     # little. On CPU nothing compiles: this shows that the batches go through the real engine with the
@@ -230,6 +227,7 @@ def test_warmup_runs_the_registry_adapters_before_ready(base_model_dir, tmp_path
         answer = openai.OpenAI(base_url=url + "/v1", api_key="-").completions.create(
             model="t3", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
         assert answer.usage.completion_tokens == 2
+
 
 def test_mixed_adapters_concurrent_equal_alone(client, server):
     prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What is 2 plus 2?"]
