@@ -13,7 +13,17 @@ pinned blocks unless that is what is measured:
     pin_one        one pinned buffer for the whole adapter, tensors copied into views of it
     to_gpu         copy a pinned adapter's tensors to the GPU and synchronise
 
-    python benchmarks/gpu_lora_load.py --registry /tmp/bench/registry --out /tmp/out/lora-load.json
+With --model-dir, also inside a real engine (vLLM's LLM with its engine core in this process, the server's LoRA
+sizing), vLLM's worker-side `add_adapter` as the engine runs it for a new adapter, in its parts:
+
+    engine_load              _load_adapter: read, cast, pin (what vllm_load times above)
+    engine_add               into the CPU cache (packing q/k/v and gate/up, scaling)
+    engine_activate          into a GPU slot (set_lora on every LoRA layer) and synchronise
+    engine_add_adapter       the whole add_adapter of a new adapter
+    engine_after_removal     the same right after another adapter was removed (its pinned blocks freed)
+
+    python benchmarks/gpu_lora_load.py --registry /tmp/bench/registry [--model-dir /tmp/bench/model-8b] \
+        --out /tmp/out/lora-load.json
 """
 
 from __future__ import annotations
@@ -112,28 +122,99 @@ def measure(adapters: list[Path], repeats: int) -> dict:
             "all_ms": {name: [round(v, 1) for v in values] for name, values in times.items()}}
 
 
+def time_adapter_loads(worker, paths: list[str], repeats: int) -> dict:
+    """Runs inside vLLM's worker (through collective_rpc): each part of add_adapter on new adapters."""
+    import gc
+
+    import torch
+    from vllm.lora.request import LoRARequest
+
+    manager = worker.model_runner.lora_manager
+    cuda = torch.cuda.is_available()
+
+    def timed(fn) -> tuple[float, object]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000, result
+
+    pool = iter(enumerate(paths, start=10_000))
+    times: dict[str, list[float]] = {}
+
+    def new_request() -> LoRARequest:
+        lora_id, path = next(pool)
+        return LoRARequest(f"probe-{lora_id}", lora_id, path)
+
+    for _ in range(repeats):
+        request = new_request()
+        ms, lora = timed(lambda: manager._load_adapter(request))
+        times.setdefault("engine_load", []).append(ms)
+        times.setdefault("engine_add", []).append(timed(lambda: manager._adapter_manager.add_adapter(lora))[0])
+        times.setdefault("engine_activate", []).append(
+            timed(lambda: manager._adapter_manager.activate_adapter(request.lora_int_id))[0])
+        del lora
+        request = new_request()
+        times.setdefault("engine_add_adapter", []).append(timed(lambda: manager.add_adapter(request))[0])
+        manager.remove_adapter(request.lora_int_id)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()  # the slot's copies are done: the host allocator may hand its blocks out again
+        request = new_request()
+        times.setdefault("engine_after_removal", []).append(timed(lambda: manager.add_adapter(request))[0])
+    return {name: [round(v, 1) for v in values] for name, values in times.items()}
+
+
+def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: int) -> dict:
+    """In its own process: an engine as `loraplex serve` sizes it for rank-16 adapters, eager (no CUDA graphs:
+    only the load path is timed)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, to call into its worker
+    from vllm import LLM
+
+    llm = LLM(model=str(model_dir), enable_lora=True, max_loras=slots, max_lora_rank=16,
+              max_cpu_loras=len(adapters) + slots, enforce_eager=True, max_model_len=1024,
+              gpu_memory_utilization=0.5)
+    [times] = llm.collective_rpc(time_adapter_loads, args=([str(a) for a in adapters], repeats))
+    return {"median_ms": {name: round(statistics.median(values), 1) for name, values in times.items()},
+            "all_ms": times}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, required=True, help="Registry of random adapters (prepare's).")
+    parser.add_argument("--model-dir", type=Path, help="Base model: also time vLLM's add_adapter in a real engine.")
+    parser.add_argument("--slots", type=int, default=16, help="GPU LoRA slots of that engine (max_loras).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="Result JSON (omitted: printed only).")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one allocator setting, in its own process
     args = parser.parse_args(argv)
     adapters = sorted(p for p in args.registry.iterdir() if (p / "adapter_model.safetensors").is_file())
     needed = 4 * args.repeats  # read, vllm_load, vllm_unpinned and the pin steps each take a distinct adapter
-    if len(adapters) < needed * len(ALLOCATOR_SETTINGS):
-        raise SystemExit(f"{args.registry} has {len(adapters)} adapters; need {needed * len(ALLOCATOR_SETTINGS)}")
+    engine_needed = 3 * args.repeats if args.model_dir else 0  # three new adapters per repeat
+    engine_adapters = adapters[needed * len(ALLOCATOR_SETTINGS):][:engine_needed]
+    if len(adapters) < needed * len(ALLOCATOR_SETTINGS) + engine_needed:
+        raise SystemExit(f"{args.registry} has {len(adapters)} adapters; "
+                         f"need {needed * len(ALLOCATOR_SETTINGS) + engine_needed}")
+    if args.child == "engine":
+        print("RESULT " + json.dumps(measure_engine(args.model_dir, engine_adapters, args.repeats, args.slots)))
+        return
     if args.child is not None:
         index = list(ALLOCATOR_SETTINGS).index(args.child)
         print("RESULT " + json.dumps(measure(adapters[index * needed:(index + 1) * needed], args.repeats)))
         return
     results = {}
-    for name, setting in ALLOCATOR_SETTINGS.items():
+    children = {**ALLOCATOR_SETTINGS, **({"engine": None} if args.model_dir else {})}
+    for name, setting in children.items():
         env = dict(os.environ)
         if setting is not None:
             env["PYTORCH_CUDA_ALLOC_CONF"] = setting
-        done = subprocess.run([sys.executable, __file__, "--registry", str(args.registry), "--repeats",
-                               str(args.repeats), "--child", name], env=env, capture_output=True, text=True)
+        command = [sys.executable, __file__, "--registry", str(args.registry), "--repeats", str(args.repeats),
+                   "--slots", str(args.slots), "--child", name]
+        if args.model_dir:
+            command += ["--model-dir", str(args.model_dir)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
         results[name] = json.loads(line[7:]) if line else {"error": (done.stderr or done.stdout)[-2000:]}
         log(name, json.dumps(results[name].get("median_ms", results[name])))

@@ -229,3 +229,25 @@ def test_adapter_load_probe_needs_distinct_adapters(tmp_path):
     (tmp_path / "a000" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="has 1 adapters; need 40"):
         gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5"])
+
+
+@pytest.mark.integration
+def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, base_model_dir):
+    """The probe's engine part reaches vLLM's worker-side LoRA manager (internal paths that can move between vLLM
+    releases) and times each part of add_adapter; on CPU nothing is pinned, but every part runs."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from adapter_factory import copy_adapter, make_adapter, make_tiny_base
+
+    base = make_tiny_base(tmp_path / "tiny", tokenizer_from=base_model_dir)
+    first = make_adapter(base, tmp_path / "registry" / "a000", rank=16)
+    for i in range(1, 11):  # 8 for the allocator children (skipped here), 3 for the engine
+        copy_adapter(first, tmp_path / "registry" / f"a{i:03d}")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_lora_load.py"), "--registry", str(tmp_path / "registry"),
+                           "--model-dir", str(base), "--repeats", "1", "--slots", "2", "--child", "engine"],
+                          capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, done.stderr[-3000:]
+    medians = json.loads(line[7:])["median_ms"]
+    assert set(medians) == {"engine_load", "engine_add", "engine_activate", "engine_add_adapter",
+                            "engine_after_removal"}
+    assert all(ms > 0 for ms in medians.values())
