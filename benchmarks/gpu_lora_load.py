@@ -22,6 +22,8 @@ sizing), vLLM's worker-side `add_adapter` as the engine runs it for a new adapte
     engine_add_adapter       the whole add_adapter of a new adapter
     engine_after_removal     the same right after another adapter was removed (its pinned blocks freed)
 
+each with torch's default host allocator and with a pinned reserve segment (`pinned_reserve_segment_size_mb`).
+
     python benchmarks/gpu_lora_load.py --registry /tmp/bench/registry [--model-dir /tmp/bench/model-8b] \
         --out /tmp/out/lora-load.json
 """
@@ -41,9 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import log, versions, write_result  # noqa: E402
 
-# torch's documented host-allocator options: malloc + cudaHostRegister in threads instead of cudaHostAlloc
+# torch's documented host-allocator options: malloc + cudaHostRegister in threads instead of cudaHostAlloc; one
+# pinned segment allocated up front, from which later pinned allocations are carved (never returned to CUDA)
 ALLOCATOR_SETTINGS = {"default": None,
-                      "host_register_8_threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"}
+                      "host_register_8_threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8",
+                      "reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096"}
+# the engine part, with torch's default host allocator and with the reserve segment
+ENGINE_SETTINGS = {"engine": None, "engine_reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096"}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -192,20 +198,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     adapters = sorted(p for p in args.registry.iterdir() if (p / "adapter_model.safetensors").is_file())
     needed = 4 * args.repeats  # read, vllm_load, vllm_unpinned and the pin steps each take a distinct adapter
-    engine_needed = 3 * args.repeats if args.model_dir else 0  # three new adapters per repeat
-    engine_adapters = adapters[needed * len(ALLOCATOR_SETTINGS):][:engine_needed]
-    if len(adapters) < needed * len(ALLOCATOR_SETTINGS) + engine_needed:
-        raise SystemExit(f"{args.registry} has {len(adapters)} adapters; "
-                         f"need {needed * len(ALLOCATOR_SETTINGS) + engine_needed}")
-    if args.child == "engine":
-        print("RESULT " + json.dumps(measure_engine(args.model_dir, engine_adapters, args.repeats, args.slots)))
+    engine_needed = 3 * args.repeats  # three new adapters per repeat
+    engines = list(ENGINE_SETTINGS) if args.model_dir else []
+    total = needed * len(ALLOCATOR_SETTINGS) + engine_needed * len(engines)
+    if len(adapters) < total:
+        raise SystemExit(f"{args.registry} has {len(adapters)} adapters; need {total}")
+    if args.child in ENGINE_SETTINGS:
+        first = needed * len(ALLOCATOR_SETTINGS) + engine_needed * list(ENGINE_SETTINGS).index(args.child)
+        print("RESULT " + json.dumps(measure_engine(args.model_dir, adapters[first:first + engine_needed],
+                                                    args.repeats, args.slots)))
         return
     if args.child is not None:
         index = list(ALLOCATOR_SETTINGS).index(args.child)
         print("RESULT " + json.dumps(measure(adapters[index * needed:(index + 1) * needed], args.repeats)))
         return
     results = {}
-    children = {**ALLOCATOR_SETTINGS, **({"engine": None} if args.model_dir else {})}
+    children = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
     for name, setting in children.items():
         env = dict(os.environ)
         if setting is not None:
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = json.loads(line[7:]) if line else {"error": (done.stderr or done.stdout)[-2000:]}
         log(name, json.dumps(results[name].get("median_ms", results[name])))
     document = {"kind": "lora-load", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-                "allocator_settings": ALLOCATOR_SETTINGS, "results": results}
+                "allocator_settings": {**ALLOCATOR_SETTINGS, **ENGINE_SETTINGS}, "results": results}
     if args.out:
         write_result(args.out, document)
     print(json.dumps(document, indent=1))

@@ -227,7 +227,7 @@ def test_adapter_load_probe_needs_distinct_adapters(tmp_path):
 
     (tmp_path / "a000").mkdir()
     (tmp_path / "a000" / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit, match="has 1 adapters; need 40"):
+    with pytest.raises(SystemExit, match="has 1 adapters; need 60"):
         gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5"])
 
 
@@ -240,7 +240,7 @@ def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, bas
 
     base = make_tiny_base(tmp_path / "tiny", tokenizer_from=base_model_dir)
     first = make_adapter(base, tmp_path / "registry" / "a000", rank=16)
-    for i in range(1, 11):  # 8 for the allocator children (skipped here), 3 for the engine
+    for i in range(1, 18):  # 12 for the allocator children (skipped here), 3 for each engine child
         copy_adapter(first, tmp_path / "registry" / f"a{i:03d}")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_lora_load.py"), "--registry", str(tmp_path / "registry"),
                            "--model-dir", str(base), "--repeats", "1", "--slots", "2", "--child", "engine"],
