@@ -83,9 +83,17 @@ def tile_rows(entry, block, num_tokens_per_lora, lora_ids, lora_token_start_loc,
     return lora_id, cta_m_len, ram
 
 
-# NUM_ENTRIES and TILES unspecialised: Triton would compile a variant per value class (== 1, multiple of 16) of
-# every int argument, and TILES changes with each batch's make-up; each new variant is a pause while serving
-@triton.jit(do_not_specialize=["NUM_ENTRIES"])
+# Triton compiles a variant of a kernel per value class (== 1, multiple of 16, other) of each int argument it
+# specialises on, and compiling one takes the server's engine loop seconds. The batch's token count M (and the
+# strides of the tensors whose length is M) take every class as batches come, so a burst of traffic met variants
+# that no earlier batch had compiled: on an H200 the first bursts after a start stopped for 1-5 s, with vLLM's
+# LoRA ops taking 12.5 s of host time against 0.75 s of GPU time in one such burst (BENCHMARKS.md). NUM_ENTRIES
+# and TILES change with each batch's make-up the same way. None of them is a shape the code could use.
+SHRINK_UNSPECIALISED = ("M", "output_d0_stride")
+EXPAND_UNSPECIALISED = ("M", "input_d0_stride")
+
+
+@triton.jit(do_not_specialize=[*SHRINK_UNSPECIALISED, "NUM_ENTRIES"])
 def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_sorted_by_lora_ids,
                           num_tokens_per_lora, lora_token_start_loc, lora_ids, scaling, input_d0_stride,
                           input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride, output_d0_stride,
@@ -112,7 +120,7 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                      EVEN_K, SPLIT_K, SLICE_NUM, USE_GDC)
 
 
-@triton.jit(do_not_specialize=["NUM_ENTRIES", "TILES"])
+@triton.jit(do_not_specialize=[*EXPAND_UNSPECIALISED, "NUM_ENTRIES", "TILES"])
 def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_sorted_by_lora_ids,
                           num_tokens_per_lora, lora_token_start_loc, lora_ids, slice_start_loc, input_d0_stride,
                           input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr, ls_d2_ptr, output_d0_stride,
@@ -148,13 +156,21 @@ def compact_pays(token_blocks: int, adapters: int) -> bool:
     return 2 * (token_blocks + adapters) <= token_blocks * adapters
 
 
+def unspecialised(kernel, names: tuple[str, ...]):
+    """vLLM's kernel compiled as vLLM's code is, but without Triton's specialisation on the arguments `names`
+    (see SHRINK_UNSPECIALISED): where the compact grid does not pay, vLLM's own kernel runs, and it would compile
+    a variant per token-count class like any other."""
+    return triton.jit(kernel.fn, do_not_specialize=list(names))
+
+
 class CompactLaunch:
     """Stands in for one of vLLM's kernels where its launcher calls `kernel[grid](*args, **options)`: the same
     arguments, and the compact kernel over a grid of the token blocks that have work (at most M/BLOCK_M + adapters)
-    where `compact_pays`, else vLLM's own kernel and grid."""
+    where `compact_pays`, else vLLM's own kernel (without specialisation on the token count) and grid."""
 
-    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced):
+    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced, fallback=None):
         self.op, self.kernel, self.params, self.replaced = op, kernel, params, replaced
+        self.fallback = replaced if fallback is None else fallback  # what runs where the compact grid does not pay
 
     def grid(self, vllm_grid: tuple, named: dict) -> tuple[tuple, dict] | None:
         """The compact grid and the extra kernel arguments, from vLLM's grid (its last axis: adapters in the
@@ -180,7 +196,7 @@ class CompactLaunch:
             named.update({k: v for k, v in options.items() if k in self.params})
             compact = self.grid(tuple(vllm_grid), named)
             if compact is None:
-                return self.replaced[vllm_grid](*args, **options)
+                return self.fallback[vllm_grid](*args, **options)
             grid, extra = compact
             return self.kernel[grid](*args, **options, **extra)
         return launch
@@ -189,8 +205,10 @@ class CompactLaunch:
 def _kernel_modules():
     from vllm.lora.ops.triton_ops import lora_expand_op, lora_shrink_op
 
-    return ((lora_shrink_op, "_lora_shrink_kernel", "shrink", SHRINK_PARAMS, compact_shrink_kernel),
-            (lora_expand_op, "_lora_expand_kernel", "expand", EXPAND_PARAMS, compact_expand_kernel))
+    return ((lora_shrink_op, "_lora_shrink_kernel", "shrink", SHRINK_PARAMS, compact_shrink_kernel,
+             SHRINK_UNSPECIALISED),
+            (lora_expand_op, "_lora_expand_kernel", "expand", EXPAND_PARAMS, compact_expand_kernel,
+             EXPAND_UNSPECIALISED))
 
 
 def _parameters(function) -> tuple[str, ...]:
@@ -218,7 +236,7 @@ def install() -> str:
         return f"vLLM's Triton LoRA kernels are not importable ({e}): nothing to change"
     # a kernel or per-block function with other parameters would fail to compile at the first LoRA step
     expected = [(f"{module.__name__}.{name}", getattr(module, name, None), params)
-                for module, name, _, params, _ in modules]
+                for module, name, _, params, *_ in modules]
     expected += [("vLLM's kernel_utils.do_shrink_kernel", do_shrink_kernel, SHRINK_BLOCK_PARAMS),
                  ("vLLM's kernel_utils.do_expand_kernel", do_expand_kernel, EXPAND_BLOCK_PARAMS)]
     for where, function, params in expected:
@@ -227,11 +245,12 @@ def install() -> str:
         if _parameters(function) != params:
             return (f"{where} takes other parameters than the compact grid knows (vLLM 0.26's): "
                     "keeping vLLM's grid")
-    for module, name, op, params, kernel in modules:
+    for module, name, op, params, kernel, names in modules:
         current = getattr(module, name)
         if not isinstance(current, CompactLaunch):
-            setattr(module, name, CompactLaunch(op, kernel, params, current))
-    return "compact grid: LoRA kernels launch blocks only for the tokens each adapter has"
+            setattr(module, name, CompactLaunch(op, kernel, params, current, unspecialised(current, names)))
+    return ("compact grid: LoRA kernels launch blocks only for the tokens each adapter has, compiled once for "
+            "every token count")
 
 
 def restore() -> None:

@@ -100,6 +100,27 @@ def test_launch_keeps_vllms_kernel_and_grid_where_compact_does_not_pay():
     assert vllm_kernel.launches == [((64, 1, 1), args, {"num_warps": 2})] and not compact_kernel.launches
 
 
+def test_launch_runs_the_fallback_kernel_where_compact_does_not_pay():
+    vllm_kernel, compact_kernel, fallback = _Kernel(), _Kernel(), _Kernel()
+    shrink = lora_grid.CompactLaunch("shrink", compact_kernel, lora_grid.SHRINK_PARAMS, vllm_kernel, fallback)
+    shrink[(64, 1, 1)](*_args(lora_grid.SHRINK_PARAMS))
+    assert len(fallback.launches) == 1 and not vllm_kernel.launches and not compact_kernel.launches
+
+
+def test_the_token_count_does_not_make_kernel_variants():
+    """Triton compiles a kernel once per value class of each int argument it specialises on; the batch's token
+    count (and the strides that grow with it) must not be one, or each new class is a compile while serving."""
+    def unspecialised_names(kernel) -> set[str]:
+        return {p.name for p in kernel.params if p.do_not_specialize}
+
+    assert set(lora_grid.SHRINK_UNSPECIALISED) <= unspecialised_names(lora_grid.compact_shrink_kernel)
+    assert set(lora_grid.EXPAND_UNSPECIALISED) <= unspecialised_names(lora_grid.compact_expand_kernel)
+    assert "N" not in unspecialised_names(lora_grid.compact_expand_kernel)  # a layer's width: fixed per kernel
+    rejitted = lora_grid.unspecialised(lora_grid.compact_shrink_kernel, lora_grid.SHRINK_UNSPECIALISED)
+    assert unspecialised_names(rejitted) == set(lora_grid.SHRINK_UNSPECIALISED)
+    assert rejitted.fn is lora_grid.compact_shrink_kernel.fn  # the same code
+
+
 @pytest.fixture
 def vllm_kernels(monkeypatch):
     """vLLM's two kernel modules with stand-in kernels whose parameters are vLLM 0.26's."""
@@ -114,6 +135,7 @@ def vllm_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(lora_grid, "do_shrink_kernel", Kernel(lora_grid.SHRINK_BLOCK_PARAMS))
     monkeypatch.setattr(lora_grid, "do_expand_kernel", Kernel(lora_grid.EXPAND_BLOCK_PARAMS))
+    monkeypatch.setattr(lora_grid, "unspecialised", lambda kernel, names: ("unspecialised", kernel, names))
     return lora_shrink_op, lora_expand_op
 
 
@@ -123,6 +145,7 @@ def test_install_replaces_both_kernels_and_restore_puts_them_back(vllm_kernels):
     assert lora_grid.install().startswith("compact grid")
     assert isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
     assert expand_op._lora_expand_kernel.replaced is expand
+    assert expand_op._lora_expand_kernel.fallback == ("unspecialised", expand, lora_grid.EXPAND_UNSPECIALISED)
     assert lora_grid.install().startswith("compact grid")  # twice: still one layer
     assert shrink_op._lora_shrink_kernel.replaced is shrink
     lora_grid.restore()
