@@ -24,7 +24,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # vLLM's LoRA kernels support ranks up to 512 (vllm.config.lora: max_lora_rank choices).
 VLLM_MAX_LORA_RANK = 512
 # Modules vLLM cannot serve as LoRA targets: it keeps embeddings and the LM head out of its LoRA path.
-_UNSERVABLE_TARGETS = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings")
+UNSERVABLE_TARGETS = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings")
 
 
 class AdapterError(LoraplexError):
@@ -85,7 +85,7 @@ def lora_config_problems(config: dict, max_lora_rank: int = VLLM_MAX_LORA_RANK) 
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets] if targets != "all-linear" else []
-    bad = [t for t in targets if any(t == u or t.endswith("." + u) for u in _UNSERVABLE_TARGETS)]
+    bad = [t for t in targets if any(t == u or t.endswith("." + u) for u in UNSERVABLE_TARGETS)]
     if bad:
         problems.append(f"target_modules {bad}: vLLM cannot apply LoRA to embeddings or the LM head")
     return problems

@@ -399,12 +399,13 @@ async def run(config: ServeConfig) -> None:
     loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                        max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks())
     tokenizer = eng.load_tokenizer(config)
-    engine = eng.build_engine(config, loras)
+    base_modules = base_module_shapes(config.model_path)
+    engine = eng.build_engine(config, loras, adapter_dirs=[a.path for a in found], base_modules=base_modules)
     scanner = watchdog = None
     watchers: list[asyncio.Task] = []
     engine_died = asyncio.Event()  # while serving, not because it was asked to stop
     try:
-        adapters = AdapterManager(config.adapters_dir, engine, base_module_shapes(config.model_path),
+        adapters = AdapterManager(config.adapters_dir, engine, base_modules,
                                   loras.max_lora_rank, allowed_roots=config.allowed_adapter_roots)
         metrics = Metrics()
         serving = Serving(config, engine, tokenizer, adapters, aliases, metrics)

@@ -45,6 +45,10 @@ class ServeConfig:
     warmup: bool = False
     """Before saying ready, run the registry's adapters through the engine in the batch kinds that compile LoRA
     kernels on first use (`--warmup`, serve/warmup.py), so that the first bursts of traffic do not pause."""
+    pinned_reserve_gb: float | None = None
+    """Pinned host memory (GiB) set aside in the engine's process for the adapters it loads
+    (`--pinned-reserve-gb`, serve/pinned_memory.py); 0: none. None: on CUDA GPUs, enough for --max-cpu-loras
+    adapters of the registry's largest, at most half the host's memory."""
     lora_kernel_configs: str | None = None
     """Folder of tuned LoRA kernel configs for vLLM (`--lora-kernel-configs`, as `loraplex tune-lora-kernels` writes
     them), or "none" for vLLM's defaults. None: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where
@@ -111,6 +115,8 @@ class ServeConfig:
             out.append(f"--platform {self.platform} must be sagemaker or vertex")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
+        if self.pinned_reserve_gb is not None and self.pinned_reserve_gb < 0:
+            out.append(f"--pinned-reserve-gb {self.pinned_reserve_gb} must be 0 (none) or positive")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             out.append(f"--kv-cache-gb {self.kv_cache_gb} must be positive")
         if self.aliases_file is not None and not self.aliases_file.is_file():

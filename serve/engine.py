@@ -107,22 +107,29 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
     return folder
 
 
-def build_engine(config: ServeConfig, loras: LoraSizing):
-    """Start the engine (its core runs in a child process). Must be called inside the server's event loop."""
+def build_engine(config: ServeConfig, loras: LoraSizing, *, adapter_dirs=(), base_modules=None):
+    """Start the engine (its core runs in a child process). Must be called inside the server's event loop.
+    adapter_dirs, base_modules: the registry's adapters and the base model's linear shapes, which size the pinned
+    host memory reserved for adapter loads (serve/pinned_memory.py)."""
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from loraplex.serve import pinned_memory
+
     cpu = on_cpu()
+    reserve_mib, why = pinned_memory.plan(config, loras, list(adapter_dirs), base_modules or {}, cpu=cpu)
     use_lora_kernel_configs(config, loras, cpu=cpu)
     args = engine_args_from(config, loras, cpu=cpu)
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, "
              "specialize_active_lora=%s, compact_lora_grid=%s)", config.model_path, loras.max_loras,
              loras.max_cpu_loras, loras.max_lora_rank, getattr(args, "specialize_active_lora", None),
              args.worker_extension_cls == COMPACT_LORA_GRID_WORKER)
+    log.info("pinned host memory reserved for adapter loads: %s", f"{reserve_mib} MiB, {why}" if reserve_mib else why)
     # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
     # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
     # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.
-    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+    with pinned_memory.engine_process_environment(reserve_mib):
+        return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 
 def load_tokenizer(config: ServeConfig):

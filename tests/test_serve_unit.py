@@ -130,9 +130,10 @@ def _config(tmp_path, **kw) -> ServeConfig:
 
 def test_config_lists_every_problem(tmp_path):
     config = _config(tmp_path, port=0, max_queue=0, api_keys=["short"], default_max_tokens=9000,
-                     max_loras=4, max_cpu_loras=2, aliases_file=tmp_path / "missing.yaml")
+                     max_loras=4, max_cpu_loras=2, aliases_file=tmp_path / "missing.yaml", pinned_reserve_gb=-1)
     problems = "\n".join(config.problems())
-    for flag in ("--port", "--max-queue", "--api-key", "--default-max-tokens", "--max-cpu-loras", "--aliases"):
+    for flag in ("--port", "--max-queue", "--api-key", "--default-max-tokens", "--max-cpu-loras", "--aliases",
+                 "--pinned-reserve-gb"):
         assert flag in problems
     with pytest.raises(LoraplexError):
         config.check()
@@ -414,6 +415,50 @@ def test_engine_gets_the_openai_server_batch_defaults(base_model_dir, monkeypatc
     monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args, **kw: seen.update(kw)))
     eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=8))
     assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
+
+
+def test_engine_process_gets_the_pinned_reserve_and_this_process_keeps_its_environment(tmp_path, base_model_dir,
+                                                                                      monkeypatch):
+    from safetensors.numpy import save_file
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from loraplex.serve import engine as eng
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    save_file({"base_model.model.layers.0.mlp.down_proj.lora_A.weight": np.zeros((16, 14336), np.float32),
+               "base_model.model.layers.0.mlp.down_proj.lora_B.weight": np.zeros((4096, 16), np.float32)},
+              str(adapter / "adapter_model.safetensors"))
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setattr(eng, "on_cpu", lambda: False)  # as on a GPU machine
+    seen = {}
+    monkeypatch.setattr(AsyncLLM, "from_engine_args",
+                        classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"])))
+    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
+                     adapter_dirs=[adapter], base_modules={})
+    # 4 adapters x (16 x 14,336 and 4,096 x 16 bf16, each rounded up to a power of 2: 512 KiB + 128 KiB) + margin
+    assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:1026"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_pinned_reserve_sizing():
+    from loraplex.serve.pinned_memory import all_linear_pinned_bytes, reserve_mib
+
+    auto = dict(requested_gb=None, cpu=False, adapter_bytes=[100 << 20, 300 << 20, None], max_cpu_loras=10,
+                estimate_bytes=50 << 20, host_bytes=64 << 30, torch_ok=True, user_conf="")
+    mib, why = reserve_mib(**auto)
+    assert mib == 10 * 300 + 1024 and "registry's largest" in why
+    assert reserve_mib(**{**auto, "adapter_bytes": []})[0] == 10 * 50 + 1024  # empty registry: the estimate
+    assert reserve_mib(**{**auto, "host_bytes": 4 << 30}) == (2048, why + ", capped at 50% of the host's memory")
+    for off in ({"cpu": True}, {"torch_ok": False}, {"user_conf": "pinned_reserve_segment_size_mb:64"},
+                {"requested_gb": 0}):
+        assert reserve_mib(**{**auto, **off})[0] == 0, off
+    assert reserve_mib(**{**auto, "requested_gb": 2.5}) == (2560, "2.5 GiB (--pinned-reserve-gb)")
+    assert reserve_mib(**{**auto, "requested_gb": 2.5, "cpu": True})[0] == 0
+    shapes = {"model.layers.0.self_attn.q_proj": (4096, 4096), "model.norm": None, "lm_head": (49152, 4096),
+              "model.embed_tokens": (49152, 4096)}
+    assert all_linear_pinned_bytes(shapes, rank=16, element_bytes=2) == 2 * (16 * 4096 * 2)  # q_proj's A and B
 
 
 # ---------------------------------------------------------------- admission and token limits
