@@ -65,7 +65,7 @@ def serve(
         "nothing). Default: on with a GPU.")] = None,
     warmup: Annotated[bool, typer.Option(
         help="Before saying ready, run the registry's adapters through the engine in the batch kinds that compile "
-        "LoRA kernels on first use (one to many adapters, 1,024-8,192-token batches), so that the first bursts of "
+        "LoRA kernels on first use (one to many adapters, 1,016-8,192-token batches), so that the first bursts of "
         "traffic do not pause for them; a few seconds more at start.")] = False,
     pinned_reserve_gb: Annotated[Optional[float], typer.Option(
         help="Pinned host memory (GiB) set aside in the engine's process for loading adapters, so that a new "

@@ -2,10 +2,13 @@
 batch that make vLLM compile kernels on first use, so that real traffic does not pause for them.
 
 Why: vLLM's Triton LoRA kernels compile one variant per tile config, and tuned tables choose a config per bucket
-of batch size. vLLM's own start compiles those that its profiling run and its CUDA-graph captures meet (decode
-batches up to the largest graph), but not those of larger mixed prefill batches, with one adapter (vLLM's kernel)
-or with several (the compact grid). On an H200 the first bursts of each kind paused 1.3-5.1 s on the first two
-servers started on a machine and not at all on the third (BENCHMARKS.md, seventh session).
+of batch size; Triton also compiles a variant per value class (1, multiple of 16, other) of each integer
+argument a kernel specialises on. vLLM's own start compiles those that its profiling run and its CUDA-graph
+captures meet (decode batches up to the largest graph), but not those of larger mixed prefill batches, with one
+adapter (vLLM's kernel) or with several (the compact grid). On an H200 the first bursts of each kind paused
+1.3-5.6 s on the first servers started on a machine (BENCHMARKS.md, seventh and eighth sessions). loraplex's
+LoRA kernels no longer specialise on the batch's token count (serve/lora_grid.py); vLLM's do where the compact
+grid is off, so each batch size is also sent as a count that is not a multiple of 16.
 
 The plan is one group of prompts per (distinct adapters, batch tokens) pair, sent together so that the engine
 prefills the group in one step; prompts are random token ids, distinct, so the prefix cache skips nothing.
@@ -22,6 +25,7 @@ log = logging.getLogger("loraplex.serve")
 
 # Batch sizes (tokens in one engine step) above the CUDA-graph sizes, up to vLLM's largest prefill chunk on a GPU
 WARMUP_BATCH_TOKENS = (1024, 2048, 4096, 8192)
+OTHER_CLASS_OFFSET = 8  # each size is also sent this much smaller: a token count that is not a multiple of 16
 WARMUP_ADAPTER_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -30,19 +34,22 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
     """Groups of (adapter name, prompt length). For each count of distinct adapters a batch can hold (powers of
     2 up to the slots and the registry) and each batch size the engine admits, prompts whose lengths add up to
     that size, spread round-robin over that many adapters (more prompts than adapters where one prompt would
-    not fit the context)."""
+    not fit the context); each size once as given and once OTHER_CLASS_OFFSET tokens smaller."""
     if not adapters:
         return []
     longest = max(1, max_model_len - 1)  # one token left to generate
     counts = [c for c in WARMUP_ADAPTER_COUNTS if c <= min(max_loras, len(adapters))]
     plan = []
     for count in counts:
-        for tokens in (t for t in batch_tokens if t <= max_batch_tokens):
-            prompts = max(count, -(-tokens // longest))
-            length = tokens // prompts
-            if length < 1:
-                continue
-            plan.append([(adapters[i % count], length) for i in range(prompts)])
+        for size in (t for t in batch_tokens if t <= max_batch_tokens):
+            for tokens in (size, size - OTHER_CLASS_OFFSET):
+                prompts = max(count, -(-tokens // longest))
+                # the exact count (its class is what compiles): the remainder one token each to the first prompts
+                whole, extra = divmod(tokens, prompts)
+                lengths = [whole + 1] * extra + [whole] * (prompts - extra)
+                if whole < 1:
+                    continue
+                plan.append([(adapters[i % count], length) for i, length in enumerate(lengths)])
     return plan
 
 

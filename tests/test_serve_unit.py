@@ -561,12 +561,14 @@ def test_warmup_plan_covers_each_adapter_count_and_batch_size_the_engine_admits(
     names = [f"a{i}" for i in range(20)]
     plan = warmup_plan(names, max_loras=16, max_batch_tokens=4096, max_model_len=4096)
     kinds = {(len({name for name, _ in group}), sum(n for _, n in group)) for group in plan}
-    assert kinds == {(count, tokens) for count in (1, 2, 4, 8, 16) for tokens in (1024, 2048, 4096)}
+    assert kinds == {(count, tokens) for count in (1, 2, 4, 8, 16) for size in (1024, 2048, 4096)
+                     for tokens in (size, size - 8)}  # exact counts, a multiple of 16 and not
     # a short context: more prompts than adapters, each within the context, the batch size kept
     short = warmup_plan(names[:2], max_loras=16, max_batch_tokens=8192, max_model_len=256)
     assert all(length <= 255 for group in short for _, length in group)
     assert {len({name for name, _ in group}) for group in short} == {1, 2}
-    assert all(sum(n for _, n in group) > 0.95 * target for group, target in zip(short, (1024, 2048, 4096, 8192) * 2))
+    targets = [t for size in (1024, 2048, 4096, 8192) for t in (size, size - 8)] * 2
+    assert [sum(n for _, n in group) for group in short] == targets
     assert warmup_plan([], max_loras=16, max_batch_tokens=8192, max_model_len=4096) == []
     assert warmup_plan(names, max_loras=16, max_batch_tokens=512, max_model_len=4096) == []
 
@@ -597,9 +599,10 @@ def test_warmup_sends_each_group_through_the_engine_with_the_adapters_lora_reque
                 for i, name in enumerate(["b", "a", "c"])}
     engine = GeneratingEngine(max_batch_tokens=2048, max_model_len=1024)
     asyncio.run(warm_up(engine, SimpleNamespace(current=versions), max_loras=16))
-    # counts 1 and 2 (not 4: three adapters) x batches of 1,024 and 2,048 tokens; prompts of at most 1,023
+    # counts 1 and 2 (not 4: three adapters) x batches of 1,024, 1,016, 2,048 and 2,040 tokens; prompts of at
+    # most 1,023
     groups = Counter(request_id.rsplit("-", 1)[0] for request_id, *_ in engine.requests)
-    assert len(groups) == 4
+    assert len(groups) == 8
     assert all(max_tokens == 1 for *_, max_tokens, _ in engine.requests)
     assert all(0 < len(ids) <= 1023 and all(0 <= t < 1000 for t in ids) for _, ids, _, _ in engine.requests)
     assert {lora for *_, lora in engine.requests} == {"a.v2", "b.v1"}  # the first adapters by name
