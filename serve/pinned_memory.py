@@ -22,7 +22,7 @@ log = logging.getLogger("loraplex.serve")
 
 RESERVE_KEY = "pinned_reserve_segment_size_mb"
 MIN_TORCH = (2, 11)  # measured there; a torch that does not know the key refuses the whole allocator setting
-MARGIN_MIB = 1024  # vLLM's own pinned buffers (inputs, sampled tokens) come out of the segment too
+MARGIN_MIB = 512  # vLLM's own pinned buffers (inputs, sampled tokens) come out of the segment too
 MAX_HOST_SHARE = 0.5  # never pin more than this share of the host's memory up front
 
 
@@ -79,18 +79,17 @@ def torch_knows_the_reserve() -> bool:
 def reserve_mib(*, requested_gb: float | None, cpu: bool, adapter_bytes: list[int | None], max_cpu_loras: int,
                 estimate_bytes: int, host_bytes: int, torch_ok: bool, user_conf: str) -> tuple[int, str]:
     """(MiB to reserve, why) for the engine's process. requested_gb: --pinned-reserve-gb (None: sized here)."""
-    if requested_gb is not None:
-        if requested_gb == 0:
-            return 0, "off (--pinned-reserve-gb 0)"
-        if cpu:
-            return 0, "none on CPU: vLLM pins no memory there"
-        return round(requested_gb * 1024), f"{requested_gb:g} GiB (--pinned-reserve-gb)"
+    if requested_gb == 0:
+        return 0, "off (--pinned-reserve-gb 0)"
     if cpu:
         return 0, "none on CPU: vLLM pins no memory there"
     if RESERVE_KEY in user_conf:
         return 0, f"left to the {RESERVE_KEY} already in the allocator settings"
     if not torch_ok:
-        return 0, f"none: torch before {'.'.join(map(str, MIN_TORCH))} has no {RESERVE_KEY}"
+        ignored = " (--pinned-reserve-gb ignored)" if requested_gb is not None else ""
+        return 0, f"none: torch before {'.'.join(map(str, MIN_TORCH))} has no {RESERVE_KEY}{ignored}"
+    if requested_gb is not None:
+        return round(requested_gb * 1024), f"{requested_gb:g} GiB (--pinned-reserve-gb)"
     known = [b for b in adapter_bytes if b]
     per_adapter = max(known) if known else estimate_bytes
     wanted = max_cpu_loras * per_adapter // (1 << 20) + MARGIN_MIB
@@ -131,10 +130,11 @@ def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bo
     """(MiB, why) of the reserve for this server's engine: `reserve_mib` with what it needs read from the
     registry's adapter headers and the base model's (only where a reserve is sized here)."""
     element_bytes = 4 if config.dtype in ("float32", "float") else 2  # vLLM casts adapters to the model's dtype
-    sized_here = config.pinned_reserve_gb is None and not cpu
+    wanted = not cpu and config.pinned_reserve_gb != 0
+    sized_here = wanted and config.pinned_reserve_gb is None
     return reserve_mib(
         requested_gb=config.pinned_reserve_gb, cpu=cpu, max_cpu_loras=loras.max_cpu_loras,
         adapter_bytes=[adapter_pinned_bytes(d, element_bytes) for d in adapter_dirs] if sized_here else [],
         estimate_bytes=all_linear_pinned_bytes(base_modules, loras.max_lora_rank, element_bytes) if sized_here else 0,
-        host_bytes=host_memory_bytes(), torch_ok=torch_knows_the_reserve() if sized_here else False,
+        host_bytes=host_memory_bytes(), torch_ok=torch_knows_the_reserve() if wanted else False,
         user_conf=os.environ.get(allocator_conf_var(), ""))

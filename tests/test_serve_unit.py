@@ -438,7 +438,7 @@ def test_engine_process_gets_the_pinned_reserve_and_this_process_keeps_its_envir
     eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
                      adapter_dirs=[adapter], base_modules={})
     # 4 adapters x (16 x 14,336 and 4,096 x 16 bf16, each rounded up to a power of 2: 512 KiB + 128 KiB) + margin
-    assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:1026"
+    assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:514"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
@@ -448,14 +448,16 @@ def test_pinned_reserve_sizing():
     auto = dict(requested_gb=None, cpu=False, adapter_bytes=[100 << 20, 300 << 20, None], max_cpu_loras=10,
                 estimate_bytes=50 << 20, host_bytes=64 << 30, torch_ok=True, user_conf="")
     mib, why = reserve_mib(**auto)
-    assert mib == 10 * 300 + 1024 and "registry's largest" in why
-    assert reserve_mib(**{**auto, "adapter_bytes": []})[0] == 10 * 50 + 1024  # empty registry: the estimate
+    assert mib == 10 * 300 + 512 and "registry's largest" in why
+    assert reserve_mib(**{**auto, "adapter_bytes": []})[0] == 10 * 50 + 512  # empty registry: the estimate
     assert reserve_mib(**{**auto, "host_bytes": 4 << 30}) == (2048, why + ", capped at 50% of the host's memory")
     for off in ({"cpu": True}, {"torch_ok": False}, {"user_conf": "pinned_reserve_segment_size_mb:64"},
                 {"requested_gb": 0}):
         assert reserve_mib(**{**auto, **off})[0] == 0, off
     assert reserve_mib(**{**auto, "requested_gb": 2.5}) == (2560, "2.5 GiB (--pinned-reserve-gb)")
-    assert reserve_mib(**{**auto, "requested_gb": 2.5, "cpu": True})[0] == 0
+    for off in ({"cpu": True}, {"torch_ok": False}, {"user_conf": "pinned_reserve_segment_size_mb:64"}):
+        assert reserve_mib(**{**auto, "requested_gb": 2.5, **off})[0] == 0, off
+    assert "ignored" in reserve_mib(**{**auto, "requested_gb": 2.5, "torch_ok": False})[1]
     shapes = {"model.layers.0.self_attn.q_proj": (4096, 4096), "model.norm": None, "lm_head": (49152, 4096),
               "model.embed_tokens": (49152, 4096)}
     assert all_linear_pinned_bytes(shapes, rank=16, element_bytes=2) == 2 * (16 * 4096 * 2)  # q_proj's A and B
