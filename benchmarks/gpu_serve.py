@@ -319,6 +319,22 @@ def server_command(args, port: int, adapters: list[str], sizing) -> list[str]:
     return cmd + list(args.server_arg or [])
 
 
+def vllm_pinned_reserve_mib(args, adapters: list[str], sizing) -> int:
+    """loraplex's pinned host-memory reserve for adapter loads (serve/pinned_memory.py, a default on GPUs), for
+    vLLM's server too: the same engine settings on both."""
+    from types import SimpleNamespace
+
+    from loraplex.serve import pinned_memory
+    from loraplex.serve.adapters import base_module_shapes
+    from loraplex.serve.engine import on_cpu
+
+    mib, why = pinned_memory.plan(SimpleNamespace(dtype="auto", pinned_reserve_gb=None), sizing,
+                                  [Path(args.registry) / name for name in adapters],
+                                  base_module_shapes(Path(args.model_dir)), cpu=on_cpu())
+    log("pinned reserve for vLLM's server:", f"{mib} MiB, {why}" if mib else why)
+    return mib
+
+
 class Server:
     """The server under test, started, awaited and stopped by loraplex's own helpers (loraplex/server_process.py);
     here only the pid file gpu_run.sh uses to stop a server whose benchmark was killed."""
@@ -518,7 +534,11 @@ def bench(args) -> dict:
         profile_dir = args.profile_dir or args.out.parent / f"{args.out.stem}-profiles"
         profile_dir.mkdir(parents=True, exist_ok=True)
         command += profiler_flags(profile_dir)
-    server = Server(command, port, args.server_log)
+    from loraplex.serve.pinned_memory import engine_process_environment
+
+    reserve = vllm_pinned_reserve_mib(args, adapters, sizing) if args.server == "vllm" else 0
+    with engine_process_environment(reserve):
+        server = Server(command, port, args.server_log)
     client = LoadClient(args.client_processes)
     cases, extra = [], {}
     try:
@@ -579,7 +599,8 @@ def bench(args) -> dict:
                 "zipf_exponent": ZIPF_EXPONENT, "client_processes": args.client_processes,
                 "command": " ".join(server_command(args, 0, adapters[:2], sizing)) + " ...",
                 "vllm_environment": {k: v for k, v in sorted(os.environ.items())
-                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))}}
+                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))},
+                "vllm_server_pinned_reserve_mib": reserve}
     return result_document("serve", cases, settings=settings, **extra)
 
 
