@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=16, help="GPU LoRA slots of that engine (max_loras).")
     parser.add_argument("--preload", type=int, default=0,
                         help="Adapters that engine loads first, as a server loads its registry (the registry's last).")
+    parser.add_argument("--only", help="Comma-separated settings to run (default: all), e.g. engine.")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="Result JSON (omitted: printed only).")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one allocator setting, in its own process
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     children = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
+    if args.only:
+        unknown = set(args.only.split(",")) - set(children)
+        if unknown:
+            raise SystemExit(f"--only {args.only}: unknown {sorted(unknown)}; choose from {', '.join(children)}")
+        children = {name: setting for name, setting in children.items() if name in args.only.split(",")}
     for name, setting in children.items():
         env = dict(os.environ)
         if setting is not None:

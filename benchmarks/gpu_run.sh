@@ -19,7 +19,7 @@
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
 #   lora-load       where the time of loading one adapter into vLLM's CPU cache and a GPU slot goes
 #                   (benchmarks/gpu_lora_load.py; an eager engine with ${SLOTS:-16} slots and ${PRELOAD:-128} adapters
-#                   loaded first, for add_adapter's parts)
+#                   loaded first, for add_adapter's parts; LORA_LOAD_ONLY=engine,... runs only those settings)
 #   detach STEP...  the remaining steps in a new process session: they outlive this command (not the machine;
 #                   their time limit is ${DETACHED_LIMIT_S:-1500} s, not RUN_LIMIT_S),
 #                   so the next command can start while an engine compiles; results and logs go to $KEEP
@@ -169,7 +169,7 @@ step_lora_load() {
   setup || return 1
   say "loading one adapter: read, vLLM's load, pinning, copy to the GPU; then add_adapter's parts in an engine"
   timeout "$(left)" python3 benchmarks/gpu_lora_load.py --registry "$REG" --model-dir "$MODEL" --slots "${SLOTS:-16}" \
-    --preload "${PRELOAD:-128}" --out "$OUT/lora-load.json" 2>&1 | grep -v -i "warn" | tail -40
+    --preload "${PRELOAD:-128}" ${LORA_LOAD_ONLY:+--only "$LORA_LOAD_ONLY"} --out "$OUT/lora-load.json" 2>&1 | grep -v -i "warn" | tail -40
 }
 
 step_detach() {

@@ -222,13 +222,18 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
     assert not (tmp_path / "grid.json").exists()
 
 
-def test_adapter_load_probe_needs_distinct_adapters(tmp_path):
+def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path):
     import gpu_lora_load
 
     (tmp_path / "a000").mkdir()
     (tmp_path / "a000" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="has 1 adapters; need 60"):
         gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5"])
+    for i in range(60):
+        (tmp_path / f"a{i:03d}").mkdir(exist_ok=True)
+        (tmp_path / f"a{i:03d}" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="unknown \\['engine'\\]"):  # no --model-dir: no engine settings
+        gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5", "--only", "engine"])
 
 
 @pytest.mark.integration
