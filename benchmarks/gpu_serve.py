@@ -328,8 +328,8 @@ def vllm_pinned_reserve_mib(args, adapters: list[str], sizing) -> int:
     from loraplex.serve.adapters import base_module_shapes
     from loraplex.serve.engine import on_cpu
 
-    mib, why = pinned_memory.plan(SimpleNamespace(dtype="auto", pinned_reserve_gb=None), sizing,
-                                  [Path(args.registry) / name for name in adapters],
+    settings = SimpleNamespace(dtype="auto", pinned_reserve_gb=None, tensor_parallel_size=1, pipeline_parallel_size=1)
+    mib, why = pinned_memory.plan(settings, sizing, [Path(args.registry) / name for name in adapters],
                                   base_module_shapes(Path(args.model_dir)), cpu=on_cpu())
     log("pinned reserve for vLLM's server:", f"{mib} MiB, {why}" if mib else why)
     return mib

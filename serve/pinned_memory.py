@@ -23,7 +23,7 @@ log = logging.getLogger("loraplex.serve")
 RESERVE_KEY = "pinned_reserve_segment_size_mb"
 MIN_TORCH = (2, 11)  # measured there; a torch that does not know the key refuses the whole allocator setting
 MARGIN_MIB = 512  # vLLM's own pinned buffers (inputs, sampled tokens) come out of the segment too
-MAX_HOST_SHARE = 0.5  # never pin more than this share of the host's memory up front
+MAX_HOST_SHARE = 0.5  # never pin more than this share of the host's memory up front, all GPU processes together
 
 
 def _pinned_bytes(shapes, element_bytes: int) -> int:
@@ -77,8 +77,10 @@ def torch_knows_the_reserve() -> bool:
 
 
 def reserve_mib(*, requested_gb: float | None, cpu: bool, adapter_bytes: list[int | None], max_cpu_loras: int,
-                estimate_bytes: int, host_bytes: int, torch_ok: bool, user_conf: str) -> tuple[int, str]:
-    """(MiB to reserve, why) for the engine's process. requested_gb: --pinned-reserve-gb (None: sized here)."""
+                estimate_bytes: int, host_bytes: int, torch_ok: bool, user_conf: str,
+                processes: int = 1) -> tuple[int, str]:
+    """(MiB to reserve, why) for each of the engine's `processes` (one per GPU: each loads every adapter).
+    requested_gb: --pinned-reserve-gb (None: sized here)."""
     if requested_gb == 0:
         return 0, "off (--pinned-reserve-gb 0)"
     if cpu:
@@ -93,11 +95,12 @@ def reserve_mib(*, requested_gb: float | None, cpu: bool, adapter_bytes: list[in
     known = [b for b in adapter_bytes if b]
     per_adapter = max(known) if known else estimate_bytes
     wanted = max_cpu_loras * per_adapter // (1 << 20) + MARGIN_MIB
-    cap = int(host_bytes * MAX_HOST_SHARE) >> 20
+    cap = int(host_bytes * MAX_HOST_SHARE / processes) >> 20
     basis = "the registry's largest adapter" if known else "an adapter on every linear layer at the maximum rank"
     why = f"{max_cpu_loras} adapters (--max-cpu-loras) x {per_adapter / 1e6:.0f} MB ({basis}) + {MARGIN_MIB} MiB"
     if wanted > cap:
-        return cap, why + f", capped at {MAX_HOST_SHARE:.0%} of the host's memory"
+        shared = f" over {processes} GPU processes" if processes > 1 else ""
+        return cap, why + f", capped at {MAX_HOST_SHARE:.0%} of the host's memory{shared}"
     return wanted, why
 
 
@@ -137,4 +140,5 @@ def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bo
         adapter_bytes=[adapter_pinned_bytes(d, element_bytes) for d in adapter_dirs] if sized_here else [],
         estimate_bytes=all_linear_pinned_bytes(base_modules, loras.max_lora_rank, element_bytes) if sized_here else 0,
         host_bytes=host_memory_bytes(), torch_ok=torch_knows_the_reserve() if wanted else False,
-        user_conf=os.environ.get(allocator_conf_var(), ""))
+        user_conf=os.environ.get(allocator_conf_var(), ""),
+        processes=config.tensor_parallel_size * config.pipeline_parallel_size)

@@ -451,6 +451,7 @@ def test_pinned_reserve_sizing():
     assert mib == 10 * 300 + 512 and "registry's largest" in why
     assert reserve_mib(**{**auto, "adapter_bytes": []})[0] == 10 * 50 + 512  # empty registry: the estimate
     assert reserve_mib(**{**auto, "host_bytes": 4 << 30}) == (2048, why + ", capped at 50% of the host's memory")
+    assert reserve_mib(**{**auto, "host_bytes": 4 << 30, "processes": 2})[0] == 1024  # one reserve per GPU process
     for off in ({"cpu": True}, {"torch_ok": False}, {"user_conf": "pinned_reserve_segment_size_mb:64"},
                 {"requested_gb": 0}):
         assert reserve_mib(**{**auto, **off})[0] == 0, off
