@@ -56,13 +56,22 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 def _ms(fn) -> tuple[float, object]:
+    """(milliseconds, result) of fn(), the GPU's queued work included where there is a GPU."""
     import torch
 
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1000, result
+
+
+def _summary(times: dict[str, list[float]]) -> dict:
+    return {"median_ms": {name: round(statistics.median(values), 1) for name, values in times.items()},
+            "all_ms": {name: [round(v, 1) for v in values] for name, values in times.items()}}
 
 
 def measure(adapters: list[Path], repeats: int) -> dict:
@@ -125,9 +134,7 @@ def measure(adapters: list[Path], repeats: int) -> dict:
         keep.append(views)
         record("to_gpu", _ms(lambda: [v.to("cuda", non_blocking=True) for v in views])[0])
     adapter_mb = sum(t.numel() * t.element_size() for t in tensors) / 1e6
-    return {"adapter_mb": round(adapter_mb, 1), "tensors": len(tensors),
-            "median_ms": {name: round(statistics.median(values), 1) for name, values in times.items()},
-            "all_ms": {name: [round(v, 1) for v in values] for name, values in times.items()}}
+    return {"adapter_mb": round(adapter_mb, 1), "tensors": len(tensors), **_summary(times)}
 
 
 def time_adapter_loads(worker, paths: list[str], repeats: int, preload: list[str]) -> dict:
@@ -139,17 +146,6 @@ def time_adapter_loads(worker, paths: list[str], repeats: int, preload: list[str
     from vllm.lora.request import LoRARequest
 
     manager = worker.model_runner.lora_manager
-    cuda = torch.cuda.is_available()
-
-    def timed(fn) -> tuple[float, object]:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1000, result
-
     for lora_id, path in enumerate(preload, start=1):
         manager.add_adapter(LoRARequest(f"registry-{lora_id}", lora_id, path))
     pool = iter(enumerate(paths, start=10_000))
@@ -161,21 +157,21 @@ def time_adapter_loads(worker, paths: list[str], repeats: int, preload: list[str
 
     for _ in range(repeats):
         request = new_request()
-        ms, lora = timed(lambda: manager._load_adapter(request))
+        ms, lora = _ms(lambda: manager._load_adapter(request))
         times.setdefault("engine_load", []).append(ms)
-        times.setdefault("engine_add", []).append(timed(lambda: manager._adapter_manager.add_adapter(lora))[0])
+        times.setdefault("engine_add", []).append(_ms(lambda: manager._adapter_manager.add_adapter(lora))[0])
         times.setdefault("engine_activate", []).append(
-            timed(lambda: manager._adapter_manager.activate_adapter(request.lora_int_id))[0])
+            _ms(lambda: manager._adapter_manager.activate_adapter(request.lora_int_id))[0])
         del lora
         request = new_request()
-        times.setdefault("engine_add_adapter", []).append(timed(lambda: manager.add_adapter(request))[0])
+        times.setdefault("engine_add_adapter", []).append(_ms(lambda: manager.add_adapter(request))[0])
         manager.remove_adapter(request.lora_int_id)
         gc.collect()
-        if cuda:
+        if torch.cuda.is_available():
             torch.cuda.synchronize()  # the slot's copies are done: the host allocator may hand its blocks out again
         request = new_request()
-        times.setdefault("engine_after_removal", []).append(timed(lambda: manager.add_adapter(request))[0])
-    return {name: [round(v, 1) for v in values] for name, values in times.items()}
+        times.setdefault("engine_after_removal", []).append(_ms(lambda: manager.add_adapter(request))[0])
+    return times
 
 
 def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: int, preload: list[Path]) -> dict:
@@ -189,8 +185,7 @@ def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: i
               gpu_memory_utilization=0.5)
     [times] = llm.collective_rpc(time_adapter_loads,
                                  args=([str(a) for a in adapters], repeats, [str(a) for a in preload]))
-    return {"median_ms": {name: round(statistics.median(values), 1) for name, values in times.items()},
-            "all_ms": times}
+    return _summary(times)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,7 +81,7 @@ def size_loras(ranks: list[int], *, max_loras: int | None = None, max_cpu_loras:
 
 # ---------------------------------------------------------------- compatibility with the base model
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
@@ -93,7 +93,7 @@ def base_module_shapes(model_path: Path) -> dict[str, tuple[int, int] | None]:
     weight is not a plain 2-D matrix, e.g. quantised), read from safetensors headers only."""
     modules: dict[str, tuple[int, int] | None] = {}
     for file in sorted(Path(model_path).glob("*.safetensors")):
-        for key, shape in _safetensors_shapes(file).items():
+        for key, shape in safetensors_shapes(file).items():
             module, _, leaf = key.rpartition(".")
             if leaf == "weight":
                 modules[module] = (shape[0], shape[1]) if len(shape) == 2 else None
@@ -108,7 +108,7 @@ def compatibility_problems(adapter_dir: Path, base_modules: dict[str, tuple[int,
     if not weights.is_file() or not base_modules:
         return []  # .bin adapters and bases without safetensors are left to vLLM's own loading checks
     try:
-        shapes = _safetensors_shapes(weights)
+        shapes = safetensors_shapes(weights)
     except Exception as e:  # safetensors raises its own error types for damaged files
         return [f"{ADAPTER_WEIGHTS} is unreadable ({e})"]
     missing, mismatched = [], []
@@ -237,13 +237,11 @@ class AdapterManager:
         known = self.unavailable.get(name)
         if known is not None and known[0] == key:
             raise model_not_found(name, known[1])
-        started = time.perf_counter()
         try:
-            info = self.check(path, name)
+            info, check_ms = self._timed_check(path, name)
         except AdapterError as e:
             self._mark_unavailable(name, key, str(e))
             raise model_not_found(name, str(e)) from None
-        check_ms = (time.perf_counter() - started) * 1000
         try:
             version = await self._add_to_engine(name, path, key, info, check_ms)
         except RuntimeError as e:
@@ -276,6 +274,12 @@ class AdapterManager:
         if problems:
             raise AdapterError(f"adapter {name!r} does not fit the base model: " + "; ".join(problems))
         return info
+
+    def _timed_check(self, path: Path, name: str) -> tuple[AdapterInfo, float]:
+        """`check`, and how long it took in ms (the load's log line splits loraplex's part from vLLM's)."""
+        started = time.perf_counter()
+        info = self.check(path, name)
+        return info, (time.perf_counter() - started) * 1000
 
     async def _add_to_engine(self, name: str, path: Path, key: tuple, info: AdapterInfo,
                              check_ms: float) -> AdapterVersion:
@@ -360,9 +364,7 @@ class AdapterManager:
         async with self._lock(name):
             key = version_key(path)
             try:
-                started = time.perf_counter()
-                info = self.check(path, name)
-                version = await self._add_to_engine(name, path, key, info, (time.perf_counter() - started) * 1000)
+                version = await self._add_to_engine(name, path, key, *self._timed_check(path, name))
             except (AdapterError, RuntimeError) as e:
                 raise APIError(400, str(e), param="path", code="invalid_adapter") from None
             self.registered[name] = path

@@ -39,13 +39,13 @@ def _pinned_bytes(shapes, element_bytes: int) -> int:
 
 def adapter_pinned_bytes(adapter_dir: Path, element_bytes: int) -> int | None:
     """What vLLM pins for one adapter (its LoRA matrices, cast to the model's dtype); None for .bin adapters."""
-    from loraplex.serve.adapters import _safetensors_shapes
+    from loraplex.serve.adapters import safetensors_shapes
 
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights.is_file():
         return None
     try:
-        shapes = _safetensors_shapes(weights)
+        shapes = safetensors_shapes(weights)
     except Exception:  # damaged files are the adapter checks' business, not the reserve's
         return None
     return _pinned_bytes([s for k, s in shapes.items() if ".lora_A" in k or ".lora_B" in k], element_bytes)

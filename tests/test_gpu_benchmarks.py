@@ -71,7 +71,6 @@ def test_summary_of_streams():
     assert gpu_serve.summarize(records[-1:], 128)["errors"] == 1
 
 
-
 def test_burst_samples_count_only_the_bursts_own_span():
     metrics = ('# TYPE vllm:num_requests_running gauge\n'
                'vllm:num_requests_running{engine="0",model_name="m"} 36.0\n'
@@ -87,6 +86,7 @@ def test_burst_samples_count_only_the_bursts_own_span():
     assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
                                         "waiting_mean": 5.0, "waiting_max": 10.0}
     assert sampler.summary([]) == {}
+
 
 def test_server_commands_share_lora_settings(tmp_path):
     from loraplex.serve.adapters import size_loras

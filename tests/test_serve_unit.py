@@ -617,7 +617,6 @@ def test_warmup_sends_each_group_through_the_engine_with_the_adapters_lora_reque
     assert idle.requests == []
 
 
-
 def test_a_failed_warmup_is_logged_and_the_server_goes_on(tmp_path, caplog):
     from types import SimpleNamespace
 
