@@ -22,7 +22,8 @@ sizing), vLLM's worker-side `add_adapter` as the engine runs it for a new adapte
     engine_add_adapter       the whole add_adapter of a new adapter
     engine_after_removal     the same right after another adapter was removed (its pinned blocks freed)
 
-each with torch's default host allocator and with a pinned reserve segment (`pinned_reserve_segment_size_mb`);
+each with torch's default host allocator and with a pinned reserve segment (`pinned_reserve_segment_size_mb`) of
+4 GiB and of the size `loraplex serve` gives it (every adapter the engine will hold);
 with --preload N after the engine loaded N other adapters first, as a server loads its registry (a server with
 256 adapters took 165-378 ms for what took 62 ms in an engine holding none).
 
@@ -50,8 +51,10 @@ from gpu_common import log, versions, write_result  # noqa: E402
 ALLOCATOR_SETTINGS = {"default": None,
                       "host_register_8_threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8",
                       "reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096"}
-# the engine part, with torch's default host allocator and with the reserve segment
-ENGINE_SETTINGS = {"engine": None, "engine_reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096"}
+# the engine part, with torch's default host allocator and with the reserve segment: 4 GiB, and sized as
+# `loraplex serve` sizes it (every adapter the engine will hold; filled in by main: 4 GiB ran out after 45 preloads)
+ENGINE_SETTINGS = {"engine": None, "engine_reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096",
+                   "engine_reserve_segment_sized": None}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -188,6 +191,17 @@ def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: i
     return _summary(times)
 
 
+def sized_reserve_mib(adapters: list[Path], held: int) -> int:
+    """The server's reserve (serve/pinned_memory.py) for an engine that will hold `held` of these adapters."""
+    from loraplex.serve import pinned_memory
+
+    mib, _ = pinned_memory.reserve_mib(
+        requested_gb=None, cpu=False, adapter_bytes=[pinned_memory.adapter_pinned_bytes(a, 2) for a in adapters],
+        max_cpu_loras=held, estimate_bytes=0, host_bytes=pinned_memory.host_memory_bytes(), torch_ok=True,
+        user_conf="")
+    return mib
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, required=True, help="Registry of random adapters (prepare's).")
@@ -225,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"--only {args.only}: unknown {sorted(unknown)}; choose from {', '.join(children)}")
         children = {name: setting for name, setting in children.items() if name in args.only.split(",")}
+    if "engine_reserve_segment_sized" in children:
+        children["engine_reserve_segment_sized"] = ENGINE_SETTINGS["engine_reserve_segment_sized"] = \
+            f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, args.preload + engine_needed + args.slots)}"
     for name, setting in children.items():
         env = dict(os.environ)
         if setting is not None:

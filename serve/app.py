@@ -410,7 +410,7 @@ async def run(config: ServeConfig) -> None:
         metrics = Metrics()
         serving = Serving(config, engine, tokenizer, adapters, aliases, metrics)
         await adapters.scan()
-        if config.warmup:
+        if eng.warmup_wanted(config, cpu=eng.on_cpu()):
             from loraplex.serve.warmup import warm_up
 
             await warm_up(engine, adapters, loras.max_loras)

@@ -236,6 +236,21 @@ def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path)
         gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5", "--only", "engine"])
 
 
+
+def test_adapter_load_probe_sizes_its_reserve_for_every_adapter_the_engine_holds(tmp_path):
+    import gpu_lora_load
+    import torch
+    from safetensors.torch import save_file
+
+    for name, rank in (("small", 2), ("large", 8)):
+        (tmp_path / name).mkdir()
+        save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(rank, 1024),
+                   "base_model.model.layers.0.q_proj.lora_B.weight": torch.zeros(1024, rank)},
+                  str(tmp_path / name / "adapter_model.safetensors"))
+    largest = 2 * (8 * 1024 * 2)  # bf16 A and B of the rank-8 adapter, each a power of 2 already
+    mib = gpu_lora_load.sized_reserve_mib([tmp_path / "small", tmp_path / "large"], held=1000)
+    assert mib == 1000 * largest // (1 << 20) + 512
+
 @pytest.mark.integration
 def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, base_model_dir):
     """The probe's engine part reaches vLLM's worker-side LoRA manager (internal paths that can move between vLLM
