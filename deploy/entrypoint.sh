@@ -14,8 +14,8 @@ VALUE_FLAGS="base-model adapters-dir host port platform aliases allowed-adapter-
   max-lora-rank max-model-len max-num-seqs max-queue max-request-bytes default-max-tokens max-tokens-limit
   scan-interval dtype seed tensor-parallel-size pipeline-parallel-size distributed-executor-backend
   gpu-memory-utilization kv-cache-gb lora-kernel-configs pinned-reserve-gb"
-SWITCH_FLAGS="enforce-eager log-requests warmup"
-ON_OFF_FLAGS="specialize-active-lora compact-lora-grid"
+SWITCH_FLAGS="enforce-eager log-requests"
+ON_OFF_FLAGS="specialize-active-lora compact-lora-grid warmup"
 
 if [[ "${1:-}" == "serve" ]]; then
   shift
