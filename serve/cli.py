@@ -66,8 +66,8 @@ def serve(
     warmup: Annotated[Optional[bool], typer.Option(
         help="Before saying ready, run the registry's adapters through the engine in the batch kinds that compile "
         "LoRA kernels on first use (one to many adapters, 1,016-8,192-token batches), so that the first bursts of "
-        "traffic do not pause for them; ~24 s more at start on an H200 with empty compile caches, a few with "
-        "warm ones. Default: on with a GPU.")] = None,
+        "traffic do not pause for them (24 s more at start for an 8B model on an H200 with empty compile caches). "
+        "Default: on with a GPU.")] = None,
     pinned_reserve_gb: Annotated[Optional[float], typer.Option(
         help="Pinned host memory (GiB) set aside in the engine's process for loading adapters, so that a new "
         "adapter's load skips pinning fresh memory (on an H200 machine 63 ms instead of 119 for an 8B model's "

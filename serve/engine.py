@@ -57,8 +57,9 @@ def compact_lora_grid(config: ServeConfig, *, cpu: bool) -> bool:
 def warmup_wanted(config: ServeConfig, *, cpu: bool) -> bool:
     """Whether the server runs serve/warmup.py's batches before it says ready: on by default on GPUs, where the
     first server of a fresh H200 machine then ran its first bursts without a stop over a second (first 32-adapter
-    burst 0.91 of base, against 0.54-0.58 with 1.3-5.6-s stops without it) for ~24 s more at start
-    (BENCHMARKS.md, ninth session); on CPU vLLM's Triton LoRA kernels do not run, so there is nothing to compile."""
+    burst 0.91 of base; 0.54-0.58 with 1.3-5.6-s stops when the kernels still compiled per token count) for 24 s
+    more at start (BENCHMARKS.md, ninth session); on CPU vLLM's Triton LoRA kernels do not run, so there is
+    nothing to compile."""
     if config.warmup is not None:
         return config.warmup
     return not cpu
