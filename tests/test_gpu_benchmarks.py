@@ -236,7 +236,6 @@ def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path)
         gpu_lora_load.main(["--registry", str(tmp_path), "--repeats", "5", "--only", "engine"])
 
 
-
 def test_adapter_load_probe_sizes_its_reserve_for_every_adapter_the_engine_holds(tmp_path):
     import gpu_lora_load
     import torch
@@ -250,6 +249,7 @@ def test_adapter_load_probe_sizes_its_reserve_for_every_adapter_the_engine_holds
     largest = 2 * (8 * 1024 * 2)  # bf16 A and B of the rank-8 adapter, each a power of 2 already
     mib = gpu_lora_load.sized_reserve_mib([tmp_path / "small", tmp_path / "large"], held=1000)
     assert mib == 1000 * largest // (1 << 20) + 512
+
 
 @pytest.mark.integration
 def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, base_model_dir):

@@ -192,7 +192,6 @@ def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
                             cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
 
 
-
 def test_warmup_runs_by_default_on_gpus_only(tmp_path):
     from loraplex.serve.engine import warmup_wanted
 
@@ -200,6 +199,7 @@ def test_warmup_runs_by_default_on_gpus_only(tmp_path):
     assert warmup_wanted(_config(tmp_path), cpu=True) is False
     assert warmup_wanted(_config(tmp_path, warmup=False), cpu=False) is False
     assert warmup_wanted(_config(tmp_path, warmup=True), cpu=True) is True
+
 
 # ---------------------------------------------------------------- adapter manager: LoRA id versions
 
