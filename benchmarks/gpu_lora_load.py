@@ -52,7 +52,7 @@ ALLOCATOR_SETTINGS = {"default": None,
                       "host_register_8_threads": "pinned_use_cuda_host_register:True,pinned_num_register_threads:8",
                       "reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096"}
 # the engine part, with torch's default host allocator and with the reserve segment: 4 GiB, and sized as
-# `loraplex serve` sizes it (every adapter the engine will hold; filled in by main: 4 GiB ran out after 45 preloads)
+# `loraplex serve` sizes it (every adapter the engine will hold; main sizes it: 4 GiB ran out after ~45 preloads)
 ENGINE_SETTINGS = {"engine": None, "engine_reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096",
                    "engine_reserve_segment_sized": None}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -233,15 +233,16 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(measure(adapters[index * needed:(index + 1) * needed], args.repeats)))
         return
     results = {}
-    children = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
+    settings = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
+    if "engine_reserve_segment_sized" in settings:
+        held = args.preload + engine_needed + args.slots
+        settings["engine_reserve_segment_sized"] = f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, held)}"
+    children = settings
     if args.only:
-        unknown = set(args.only.split(",")) - set(children)
+        unknown = set(args.only.split(",")) - set(settings)
         if unknown:
-            raise SystemExit(f"--only {args.only}: unknown {sorted(unknown)}; choose from {', '.join(children)}")
-        children = {name: setting for name, setting in children.items() if name in args.only.split(",")}
-    if "engine_reserve_segment_sized" in children:
-        children["engine_reserve_segment_sized"] = ENGINE_SETTINGS["engine_reserve_segment_sized"] = \
-            f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, args.preload + engine_needed + args.slots)}"
+            raise SystemExit(f"--only {args.only}: unknown {sorted(unknown)}; choose from {', '.join(settings)}")
+        children = {name: setting for name, setting in settings.items() if name in args.only.split(",")}
     for name, setting in children.items():
         env = dict(os.environ)
         if setting is not None:
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = json.loads(line[7:]) if line else {"error": (done.stderr or done.stdout)[-2000:]}
         log(name, json.dumps(results[name].get("median_ms", results[name])))
     document = {"kind": "lora-load", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-                "allocator_settings": {**ALLOCATOR_SETTINGS, **ENGINE_SETTINGS}, "results": results}
+                "allocator_settings": settings, "results": results}
     if args.out:
         write_result(args.out, document)
     print(json.dumps(document, indent=1))

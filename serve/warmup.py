@@ -44,11 +44,11 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
         for size in (t for t in batch_tokens if t <= max_batch_tokens):
             for tokens in (size, size - OTHER_CLASS_OFFSET):
                 prompts = max(count, -(-tokens // longest))
-                # the exact count (its class is what compiles): the remainder one token each to the first prompts
                 whole, extra = divmod(tokens, prompts)
-                lengths = [whole + 1] * extra + [whole] * (prompts - extra)
                 if whole < 1:
                     continue
+                # the exact count (its class is what compiles): the remainder one token each to the first prompts
+                lengths = [whole + 1] * extra + [whole] * (prompts - extra)
                 plan.append([(adapters[i % count], length) for i, length in enumerate(lengths)])
     return plan
 
