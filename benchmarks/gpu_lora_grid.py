@@ -1,13 +1,17 @@
 """vLLM's multi-LoRA kernels with vLLM's grid against the compact grid (serve/lora_grid.py), on a GPU.
 
 For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv, o, gate_up, down), each batch size
-and each count of adapters the batch's tokens are spread over: microseconds per call with vLLM's grid and with the
-compact grid, both timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this
-GPU (the shipped tuned folder where it covers the GPU, else vLLM's defaults), and the largest difference between the
-two outputs (the compact grid must compute the same numbers). Summed over the seven kernels, x 32 layers, that is
-the LoRA time of one engine step.
+and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
+compact one, the compact one reading a tile map), each timed in a CUDA graph as the server runs them, with the tile
+configs `loraplex serve` uses on this GPU (the shipped tuned folder where it covers the GPU, else vLLM's defaults)
+and with any --config laid over them, and the largest difference from vLLM's grid's output with the server's
+configs (every variant must compute the same numbers). Summed over the eight kernels, x 32 layers, that is the LoRA
+time of one engine step.
 
     python benchmarks/gpu_lora_grid.py --out benchmarks/results/gpu-lora-grid.json
+    python benchmarks/gpu_lora_grid.py --slots 256 --batches 512 --actives 32,256 \\
+        --grids vllm,compact,compact_map --config 'bm16={"shrink": {"block_m": 16}, "expand": {"block_m": 16}}' \\
+        --out /tmp/grid-256.json
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
+# The grids a kernel can be launched over; for the compact grid, lora_grid.TILE_MAP_FROM_ENTRIES during the run
+# (prefix sum in every block, or the tile map whatever the slot count).
+GRIDS = {"vllm": None, "compact": 10**9, "compact_map": 0}
+
+
+def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
+    """Adapter counts a batch's tokens are spread over: the given ones, else 1, 4, ..., 64 and every slot."""
+    return sorted({a for a in (wanted or (1, 4, 8, 16, 32, 64, slots)) if a <= min(slots, m)})
+
+
 def bench(args) -> dict:
     import torch
 
     from loraplex.serve import lora_grid
-    from loraplex.serve.lora_kernels import PACKAGED_CONFIGS, _KernelBench, file_prefix, layer_families
+    from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _default_config, _KernelBench,
+                                             _use_config_under_test, file_prefix, layer_families)
 
     why = lora_grid.install()
     if not why.startswith("compact grid"):
@@ -40,42 +55,72 @@ def bench(args) -> dict:
         os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)
     else:
         os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+    # every timing gets its tile config explicitly: the one the server would look up ("server"), or that with
+    # the --config overrides on top
+    _use_config_under_test()
+    configs = {"server": {}, **args.config}
     families = layer_families(SHAPES["8b"])
     rows, summary = [], []
     for slots in args.slots:
         for m in args.batches:
-            for active in sorted({a for a in (1, 4, 8, 16, 32, 64, slots) if a <= min(slots, m)}):
-                total = {"vllm_us": 0.0, "compact_us": 0.0}
+            for active in actives_for(slots, m, args.actives):
+                totals: dict[tuple[str, str], float] = {}
                 for op in ("shrink", "expand"):
                     for layer, (fan_in, out_slices) in families.items():
                         kernel = _KernelBench(op, fan_in, out_slices, m, active, slots, args.rank)
+                        server = _default_config(op, fan_in, out_slices, m, slots, args.rank)
                         lora_grid.restore()
-                        reference, vllm_us = kernel.output(None), kernel.time_us(None)
-                        lora_grid.install()
-                        compact, compact_us = kernel.output(None), kernel.time_us(None)
-                        lora_grid.restore()
+                        reference = kernel.output(server)
                         scale = reference.abs().max().item() + 1e-6
-                        row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
-                               "vllm_us": round(vllm_us, 2), "compact_us": round(compact_us, 2),
-                               "speedup": round(vllm_us / compact_us, 3),
-                               "max_rel_diff": float(f"{(compact - reference).abs().max().item() / scale:.2e}")}
-                        rows.append(row)
-                        total["vllm_us"] += vllm_us
-                        total["compact_us"] += compact_us
+                        for config_name, override in configs.items():
+                            config = {**server, **override.get(op, {})}
+                            for grid in args.grids:
+                                if GRIDS[grid] is None:
+                                    lora_grid.restore()
+                                else:
+                                    lora_grid.install()
+                                    lora_grid.TILE_MAP_FROM_ENTRIES = GRIDS[grid]
+                                row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
+                                       "config_name": config_name, "grid": grid, "config": config}
+                                try:
+                                    output, us = kernel.output(config), kernel.time_us(config)
+                                except Exception as e:  # a tile config Triton cannot build on this GPU
+                                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                    totals[(config_name, grid)] = float("nan")
+                                else:
+                                    row["us"] = round(us, 2)
+                                    row["max_rel_diff"] = float(f"{(output - reference).abs().max().item() / scale:.2e}")
+                                    totals[(config_name, grid)] = totals.get((config_name, grid), 0.0) + us
+                                rows.append(row)
+                        lora_grid.restore()
                         del kernel
-                line = {"slots": slots, "m": m, "active": active,
-                        "layer_vllm_us": round(total["vllm_us"], 1), "layer_compact_us": round(total["compact_us"], 1),
-                        "speedup": round(total["vllm_us"] / total["compact_us"], 3),
-                        "step_saved_ms_32_layers": round(32 * (total["vllm_us"] - total["compact_us"]) / 1000, 2)}
-                summary.append(line)
-                log(json.dumps(line))
+                baseline = totals[("server", args.grids[0])]
+                for (config_name, grid), us in totals.items():
+                    line = {"slots": slots, "m": m, "active": active, "config_name": config_name, "grid": grid,
+                            "layer_us": round(us, 1), "step_ms_32_layers": round(32 * us / 1000, 2),
+                            f"speedup_vs_server_{args.grids[0]}": round(baseline / us, 3)}
+                    summary.append(line)
+                    log(json.dumps(line))
             torch.cuda.empty_cache()
-    worst = max(r["max_rel_diff"] for r in rows)
-    log(f"largest relative difference between the grids' outputs: {worst:.2e}")
+    worst = max((r["max_rel_diff"] for r in rows if "max_rel_diff" in r), default=float("nan"))
+    log(f"largest relative difference from vLLM's grid with the server's configs: {worst:.2e}")
     # a kernel report like the tuner's (serve/lora_kernel_configs/*_TUNING_REPORT.json), not a serve/train run
     return {"kind": "lora-kernels", "gpu": gpu, "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-            "tuned_configs": tuned, "rank": args.rank, "shape": SHAPES["8b"], "layer_totals": summary,
-            "largest_relative_difference": worst, "kernels": rows}
+            "tuned_configs": tuned, "rank": args.rank, "shape": SHAPES["8b"], "grids": args.grids,
+            "configs": configs, "layer_totals": summary, "largest_relative_difference": worst, "kernels": rows}
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    """NAME=JSON, JSON being {"shrink": {...}, "expand": {...}}: tile parameters laid over the server's config."""
+    name, _, spec = text.partition("=")
+    try:
+        override = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--config {name}: not JSON ({e})") from None
+    if not name or not isinstance(override, dict) or set(override) - {"shrink", "expand"}:
+        raise argparse.ArgumentTypeError(f"--config wants NAME={{\"shrink\": {{...}}, \"expand\": {{...}}}}, "
+                                         f"got {text!r}")
+    return name, override
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,11 +129,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="max_loras values (comma-separated).")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 256, 512, 2048, 8192], help="Tokens per kernel call (comma-separated).")
+    parser.add_argument("--actives", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="Adapter counts the tokens are spread over (default 1,4,8,16,32,64 and every slot).")
+    parser.add_argument("--grids", type=lambda s: s.split(","), default=["vllm", "compact"],
+                        help=f"Grids to time, the first being the baseline of the speedups ({', '.join(GRIDS)}; "
+                             "compact_map: the compact grid with the tile map whatever the slot count).")
+    parser.add_argument("--config", type=parse_config, action="append", default=[],
+                        help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
+                             "parameters over the server's config (repeatable).")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--vllm-default-configs", action="store_true",
                         help="Use vLLM's default tile configs instead of the shipped tuned ones.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    args.config = dict(args.config)
+    unknown = set(args.grids) - set(GRIDS)
+    if unknown:
+        parser.error(f"--grids: unknown {sorted(unknown)}; known: {', '.join(GRIDS)}")
     started = time.time()
     document = bench(args)
     document["seconds"] = round(time.time() - started, 1)

@@ -383,7 +383,9 @@ def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
 
 # ---------------------------------------------------------------- profiles (vLLM's server)
 
-KERNEL_KINDS = (("lora", re.compile(r"lora_(shrink|expand)|_lora_", re.I)),
+# compact_*, tile_map_kernel: loraplex's compact-grid LoRA kernels (serve/lora_grid.py), which stand in for vLLM's
+KERNEL_KINDS = (("lora", re.compile(r"lora_(shrink|expand)|_lora_|compact_(shrink|expand)_kernel|tile_map_kernel",
+                                    re.I)),
                 ("attention", re.compile(r"flash|fmha|attn|attention", re.I)),
                 ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|wgmma|cublas|matmul", re.I)))
 

@@ -6,7 +6,8 @@ adapter's tokens, and a block past the end of its adapter's tokens returns at on
 tokens that is A x M/BLOCK_M token blocks, of which at most M/BLOCK_M + A have work: with 16 adapters in a decode
 batch of 512 tokens, about nine in ten blocks of every LoRA kernel of every layer only start and return. The compact
 grid launches M/BLOCK_M + A token blocks; each finds its adapter and its block of that adapter's tokens from the
-per-adapter token counts vLLM already computes (a prefix sum over max_loras + 1 numbers, inside the kernel), then
+per-adapter token counts vLLM already computes (a prefix sum over max_loras + 1 numbers: inside the kernel, or
+with many slots once per launch into a tile map that the blocks read, TILE_MAP_FROM_ENTRIES), then
 does vLLM's own block of work (do_shrink_kernel / do_expand_kernel), so the results are vLLM's (up to the
 order in which split-K partial sums are added).
 
@@ -70,6 +71,44 @@ def adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: t
 
 
 @triton.jit
+def tile_map_kernel(num_tokens_per_lora, lora_ids, tile_map, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
+                    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per lora_ids entry: writes (entry, token block) of each of the entry's tiles into
+    tile_map[1 + 2 * tile], tile_map[2 + 2 * tile], and (entry 0) the number of tiles in all into tile_map[0]."""
+    entry = tl.program_id(axis=0)
+    offs = tl.arange(0, ENTRIES_P2)
+    inside = offs < NUM_ENTRIES
+    counts = tl.load(num_tokens_per_lora + offs, mask=inside, other=0)
+    ids = tl.load(lora_ids + offs, mask=inside, other=-1)
+    tiles = tl.where(ids == -1, 0, (counts + BLOCK_M - 1) // BLOCK_M)
+    ends = tl.cumsum(tiles, axis=0)
+    mine = tl.sum(tl.where(offs == entry, tiles, 0), axis=0)
+    first = tl.sum(tl.where(offs == entry, ends, 0), axis=0) - mine
+    if entry == 0:
+        tl.store(tile_map, tl.sum(tiles, axis=0))
+    for start in range(0, mine, CHUNK):
+        block = start + tl.arange(0, CHUNK)
+        keep = block < mine
+        tl.store(tile_map + 1 + 2 * (first + block), tl.zeros_like(block) + entry, mask=keep)
+        tl.store(tile_map + 2 + 2 * (first + block), block, mask=keep)
+
+
+@triton.jit
+def locate_tile(tile, tile_map, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
+                BLOCK_M: tl.constexpr, TILE_MAP: tl.constexpr):
+    """adapter_tile's answer, from the launch's tile map where there is one (TILE_MAP): three loads instead of
+    a prefix sum over every lora_ids entry in every block."""
+    if TILE_MAP:
+        tiles = tl.load(tile_map)
+        inside = tile < tiles
+        entry = tl.load(tile_map + 1 + 2 * tile, mask=inside, other=0)
+        block = tl.load(tile_map + 2 + 2 * tile, mask=inside, other=0)
+    else:
+        entry, block, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
+    return entry, block, tiles
+
+
+@triton.jit
 def tile_rows(entry, block, num_tokens_per_lora, lora_ids, lora_token_start_loc, token_indices_sorted_by_lora_ids,
               BLOCK_M: tl.constexpr):
     """(adapter id, rows in the block, the rows' token indices) of token block `block` of lora_ids entry `entry`,
@@ -100,7 +139,8 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           output_d1_stride, output_d2_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                           GROUP_SIZE_M: tl.constexpr, SLICE_NUM: tl.constexpr, USE_GDC: tl.constexpr,
-                          launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr):
+                          launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr, tile_map,
+                          TILE_MAP: tl.constexpr):
     # axis 0 = (tile, output block, K split), K split fastest; GROUP_SIZE_M (vLLM's M-swizzle) has nothing to
     # group here: a rank-sized output is one or two blocks wide
     cta_n_num = tl.cdiv(N, BLOCK_N)
@@ -109,7 +149,8 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
     pid_n = (pid // SPLIT_K) % cta_n_num
     tile = pid // (SPLIT_K * cta_n_num)
     slice_id = tl.program_id(axis=1)
-    entry, pid_m, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
+    entry, pid_m, tiles = locate_tile(tile, tile_map, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2,
+                                      BLOCK_M, TILE_MAP)
     if tile >= tiles:
         return
     lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
@@ -128,13 +169,14 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_INPUTS: tl.constexpr,
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
-                          TILES):
+                          TILES, tile_map, TILE_MAP: tl.constexpr):
     # axis 0 = (tile, output block), tile fastest as in vLLM: neighbouring blocks read the same LoRA B columns
     pid = tl.program_id(axis=0)
     tile = pid % TILES
     pid_n = pid // TILES
     slice_id = tl.program_id(axis=1)
-    entry, pid_m, tiles = adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
+    entry, pid_m, tiles = locate_tile(tile, tile_map, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2,
+                                      BLOCK_M, TILE_MAP)
     if tile >= tiles:
         return
     curr_N = N if SAME_STRIDE else tl.load(output_hs_ptr + slice_id)
@@ -163,19 +205,27 @@ def unspecialised(kernel, names: tuple[str, ...]):
     return triton.jit(kernel.fn, do_not_specialize=list(names))
 
 
+# From how many lora_ids entries (max_loras + 1) a launch first writes a tile map (tile_map_kernel, one small
+# launch) instead of every block taking a prefix sum over all entries: that sum's cost grows with the entries
+# and is paid once per block, and a decode step over ~220 adapters in 256 slots launches ~50,000 blocks per
+# expand kernel (BENCHMARKS.md, tenth session).
+TILE_MAP_FROM_ENTRIES = 65
+
+
 class CompactLaunch:
     """Stands in for one of vLLM's kernels where its launcher calls `kernel[grid](*args, **options)`: the same
     arguments, and the compact kernel over a grid of the token blocks that have work (at most M/BLOCK_M + adapters)
     where `compact_pays`, else vLLM's own kernel (without specialisation on the token count) and grid."""
 
-    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced, fallback=None):
+    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced, fallback=None, map_kernel=None):
         self.op, self.kernel, self.params, self.replaced = op, kernel, params, replaced
         self.fallback = replaced if fallback is None else fallback  # what runs where the compact grid does not pay
+        self.map_kernel = tile_map_kernel if map_kernel is None else map_kernel
 
     def grid(self, vllm_grid: tuple, named: dict) -> tuple[tuple, dict] | None:
         """The compact grid and the extra kernel arguments, from vLLM's grid (its last axis: adapters in the
         batch, rounded up to a captured count, or max_loras + 1) and vLLM's kernel arguments; None where vLLM's
-        grid is kept."""
+        grid is kept. TILES is the number of tiles the grid has room for (the tile map's length)."""
         entries = int(named["lora_ids"].numel())
         adapters = min(int(vllm_grid[2]), entries)
         token_blocks = triton.cdiv(named["M"], named["BLOCK_M"])
@@ -183,12 +233,23 @@ class CompactLaunch:
             return None
         tiles = token_blocks + adapters
         blocks = tiles * triton.cdiv(named["N"], named["BLOCK_N"])
-        extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries)}
+        extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries), "TILES": tiles,
+                 "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES}
         if self.op == "shrink":
             blocks *= named["SPLIT_K"]
-        else:
-            extra["TILES"] = tiles
         return (blocks, vllm_grid[1], 1), extra
+
+    def tile_map(self, named: dict, extra: dict):
+        """The tile map of this launch (see tile_map_kernel), written on the launch's stream; where there is
+        none, the kernel gets a tensor it never reads."""
+        if not extra["TILE_MAP"]:
+            return named["lora_ids"]
+        import torch
+
+        tile_map = torch.empty(1 + 2 * extra["TILES"], dtype=torch.int32, device=named["lora_ids"].device)
+        self.map_kernel[(extra["NUM_ENTRIES"],)](named["num_tokens_per_lora"], named["lora_ids"], tile_map,
+                                                 extra["NUM_ENTRIES"], extra["ENTRIES_P2"], named["BLOCK_M"], 128)
+        return tile_map
 
     def __getitem__(self, vllm_grid):
         def launch(*args, **options):
@@ -198,7 +259,10 @@ class CompactLaunch:
             if compact is None:
                 return self.fallback[vllm_grid](*args, **options)
             grid, extra = compact
-            return self.kernel[grid](*args, **options, **extra)
+            tile_map = self.tile_map(named, extra)
+            if self.op == "shrink":
+                extra = {k: v for k, v in extra.items() if k != "TILES"}
+            return self.kernel[grid](*args, **options, **extra, tile_map=tile_map)
         return launch
 
 

@@ -2,7 +2,8 @@
 findings as JSON; tests/test_lora_grid.py runs it in its own process, since the interpreter is chosen when a
 kernel is defined and vLLM's CPU build hides Triton from its own modules.
 
-- tiles: for batches of adapter token counts, which (adapter entry, token block) every compact tile maps to.
+- tiles: for batches of adapter token counts, which (adapter entry, token block) every compact tile maps to;
+  tile_maps: the same from the tile map that launches with many slots write first.
 - expand: vLLM's own expand launcher (its kernel parameters are the ones the compact grid knows) run with vLLM's
   kernel and with the compact launch, against a plain torch computation.
 """
@@ -46,8 +47,17 @@ def tiles(counts: list[int], ids: list[int], block_m: int, launched: int) -> lis
     return out.view(-1, 3).tolist()
 
 
+def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> list[int]:
+    out = torch.full((1 + 2 * launched,), -7, dtype=torch.int32)
+    entries = len(counts)
+    lora_grid.tile_map_kernel[(entries,)](torch.tensor(counts, dtype=torch.int32),
+                                          torch.tensor(ids, dtype=torch.int32), out, entries,
+                                          triton.next_power_of_2(entries), block_m, 4)  # CHUNK 4: several rounds
+    return out.tolist()
+
+
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
-                with_base_tokens: bool) -> dict:
+                with_base_tokens: bool, tile_map_from_entries: int = lora_grid.TILE_MAP_FROM_ENTRIES) -> dict:
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -72,9 +82,11 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     class Counting(lora_grid.CompactLaunch):
         def grid(self, vllm_grid, named):
             compact = super().grid(vllm_grid, named)
-            launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None})
+            launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
+                             "tile_map": bool(compact and compact[1]["TILE_MAP"])})
             return compact
 
+    lora_grid.TILE_MAP_FROM_ENTRIES, kept_setting = tile_map_from_entries, lora_grid.TILE_MAP_FROM_ENTRIES
     try:
         by_vllm = run(vllm_kernel)
         # where the compact grid does not pay, vLLM's kernel runs as the server installs it: without specialisation
@@ -82,6 +94,7 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
                                   lora_grid.unspecialised(vllm_kernel, lora_grid.EXPAND_UNSPECIALISED)))
     finally:
         lora_expand_op._lora_expand_kernel = vllm_kernel
+        lora_grid.TILE_MAP_FROM_ENTRIES = kept_setting
     expected = start.float().clone()
     offset = 0
     for index, size in enumerate(sizes):
@@ -98,7 +111,8 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     # the kernels round to float16 once, the reference not at all
     scale = expected.abs().max().item()
     return {"tokens": tokens, "max_loras": max_loras, "sizes": list(sizes), "add_inputs": add_inputs,
-            "with_base_tokens": with_base_tokens, "launches": launches,
+            "with_base_tokens": with_base_tokens, "tile_map": max_loras + 1 >= tile_map_from_entries,
+            "launches": launches,
             "compact_vs_vllm": (by_compact - by_vllm).abs().max().item(),
             "vllm_vs_reference": (by_vllm - expected).abs().max().item() / scale,
             "compact_vs_reference": (by_compact - expected).abs().max().item() / scale,
@@ -116,10 +130,13 @@ def main() -> None:
     for counts, ids, block_m in cases:
         launched = -(-sum(counts) // block_m) + len(counts)
         tile_results.append({"counts": counts, "ids": ids, "block_m": block_m,
-                             "tiles": tiles(counts, ids, block_m, launched)})
+                             "tiles": tiles(counts, ids, block_m, launched),
+                             "tile_map": tile_map(counts, ids, block_m, launched)})
     expand_results = [expand_case(1, 200, 4, (48, 16, 16), True, True),
                       expand_case(2, 300, 8, (64, 64), False, False),
-                      expand_case(3, 130, 4, (96,), True, False)]
+                      expand_case(3, 130, 4, (96,), True, False),
+                      expand_case(4, 200, 4, (48, 16, 16), True, True, tile_map_from_entries=0),
+                      expand_case(5, 300, 8, (64, 64), False, False, tile_map_from_entries=0)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

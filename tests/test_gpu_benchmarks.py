@@ -188,8 +188,10 @@ def test_run_script_is_valid_bash():
 def test_profile_summary_groups_gpu_kernel_time(tmp_path):
     import gzip
 
-    events = [{"ph": "X", "cat": "kernel", "name": "_lora_shrink_kernel", "dur": 1500},
-              {"ph": "X", "cat": "kernel", "name": "_lora_expand_kernel", "dur": 500},
+    # loraplex's compact-grid kernels (serve/lora_grid.py) are LoRA time too
+    events = [{"ph": "X", "cat": "kernel", "name": "_lora_shrink_kernel", "dur": 1000},
+              {"ph": "X", "cat": "kernel", "name": "compact_shrink_kernel", "dur": 500},
+              {"ph": "X", "cat": "kernel", "name": "compact_expand_kernel", "dur": 500},
               {"ph": "X", "cat": "kernel", "name": "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "dur": 6000},
               {"ph": "X", "cat": "kernel", "name": "void flash::flash_fwd_kernel<...>", "dur": 2000},
               {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_add_rms_norm_0", "dur": 1000},
@@ -199,7 +201,7 @@ def test_profile_summary_groups_gpu_kernel_time(tmp_path):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
     summary = gpu_serve.kernel_time_by_kind(trace, top=2)
-    assert summary["kernels"] == 5 and summary["kernel_ms"] == 11.0
+    assert summary["kernels"] == 6 and summary["kernel_ms"] == 11.0
     assert summary["by_kind"] == {"gemm": {"ms": 6.0, "share": 0.545}, "lora": {"ms": 2.0, "share": 0.182},
                                   "attention": {"ms": 2.0, "share": 0.182}, "other": {"ms": 1.0, "share": 0.091}}
     assert [k["name"] for k in summary["top_kernels"]] == ["nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT",
@@ -220,6 +222,57 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="cannot run here: no CUDA GPU"):
         gpu_lora_grid.main(["--slots", "16", "--batches", "256", "--out", str(tmp_path / "grid.json")])
     assert not (tmp_path / "grid.json").exists()
+
+
+def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch):
+    """The benchmark's loop with stand-ins for the GPU parts (unit test): each timing runs under the grid it
+    names (vLLM's kernel, or the compact one with the tile map off or on) and with the server's tile config
+    or that config with the --config override laid over it."""
+    import gpu_lora_grid
+    import torch
+
+    from loraplex.serve import lora_grid, lora_kernels
+
+    state = {"installed": False}
+    monkeypatch.setattr(lora_grid, "install", lambda: state.update(installed=True) or "compact grid: ...")
+    monkeypatch.setattr(lora_grid, "restore", lambda: state.update(installed=False))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
+    monkeypatch.setattr(lora_kernels, "_default_config", lambda op, *a: {"block_m": 64, "block_n": 128})
+    seen = []
+
+    class Bench:
+        def __init__(self, op, fan_in, slices, m, active, slots, rank):
+            self.op = op
+
+        def output(self, config):
+            grid = ("vllm" if not state["installed"] else
+                    "compact_map" if lora_grid.TILE_MAP_FROM_ENTRIES == 0 else "compact")
+            seen.append((self.op, grid, config["block_m"]))
+            return torch.ones(2)
+
+        def time_us(self, config):
+            return 10.0 if config["block_m"] == 64 else 5.0
+
+    monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
+    kept = lora_grid.TILE_MAP_FROM_ENTRIES
+    try:
+        gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
+                            "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
+                            "--out", str(tmp_path / "grid.json")])
+    finally:
+        lora_grid.TILE_MAP_FROM_ENTRIES = kept
+    result = json.loads((tmp_path / "grid.json").read_text())
+    assert result["configs"] == {"server": {}, "bm16": {"expand": {"block_m": 16}}}
+    totals = {(t["config_name"], t["grid"]): t["layer_us"] for t in result["layer_totals"]}
+    assert totals[("server", "compact_map")] == 80.0  # 8 kernels x 10 us
+    assert totals[("bm16", "compact")] == 60.0  # the 4 expand kernels at 5 us
+    grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
+    assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
+    assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map"}
+    with pytest.raises(SystemExit):
+        gpu_lora_grid.main(["--grids", "vllm,fast", "--out", str(tmp_path / "x.json")])
 
 
 def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path):

@@ -33,6 +33,11 @@ def test_every_token_block_of_every_adapter_gets_exactly_one_tile(interpreted):
         assert {row[2] for row in rows} == {len(expected)}, case  # every tile knows how many have work
         assert [row[:2] for row in rows[:len(expected)]] == expected, case
         assert len(rows) > len(expected)  # the launch bound leaves spare tiles, which find no work
+        tile_map = case["tile_map"]  # [tiles in all, then (entry, block) per tile; -7 where nothing was written]
+        assert tile_map[0] == len(expected), case
+        pairs = [tile_map[1 + 2 * t:3 + 2 * t] for t in range(len(rows))]
+        assert pairs[:len(expected)] == expected, case
+        assert all(pair == [-7, -7] for pair in pairs[len(expected):]), case  # nothing past the tiles with work
 
 
 def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
@@ -41,7 +46,9 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 2, "the cases meant for the compact grid did not use it"
+    assert len(compact) == 4, "the cases meant for the compact grid did not use it"
+    assert [c["launches"][0]["tile_map"] for c in compact] == [c["tile_map"] for c in compact] == [
+        False, False, True, True], "the cases meant to read a tile map did not (or others did)"
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
@@ -83,13 +90,36 @@ def test_launch_passes_vllms_arguments_with_a_compact_grid():
     [(grid, passed, options)] = compact_kernel.launches
     assert grid == (8 * (8 + 17) * 1, 3, 1)  # K splits x (token blocks + adapters) x output blocks
     assert passed == args
-    assert options == {"num_warps": 4, "launch_pdl": False, "NUM_ENTRIES": 17, "ENTRIES_P2": 32}
+    tile_map = options.pop("tile_map")
+    assert options == {"num_warps": 4, "launch_pdl": False, "NUM_ENTRIES": 17, "ENTRIES_P2": 32,
+                       "TILE_MAP": False}
+    assert tile_map is args[lora_grid.SHRINK_PARAMS.index("lora_ids")]  # 17 entries: no map, a stand-in
     assert not vllm_kernel.launches
 
     expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel)
     expand[(8 * 112, 2, 16)](*_args(lora_grid.EXPAND_PARAMS, N=14336, BLOCK_N=128), num_stages=1)
     grid, _, options = compact_kernel.launches[-1]
     assert grid == ((8 + 16) * 112, 2, 1) and options["TILES"] == 8 + 16
+
+
+def test_many_slots_launch_a_tile_map_first():
+    """With max_loras + 1 >= TILE_MAP_FROM_ENTRIES entries, one small kernel writes where each tile's tokens are
+    (one program per entry) and the compact kernel reads that instead of a prefix sum in every block."""
+    vllm_kernel, compact_kernel, map_kernel = _Kernel(), _Kernel(), _Kernel()
+    expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel,
+                                     map_kernel=map_kernel)
+    entries = lora_grid.TILE_MAP_FROM_ENTRIES
+    lora_ids = torch.full((entries,), -1, dtype=torch.int32)
+    args = _args(lora_grid.EXPAND_PARAMS, N=14336, BLOCK_N=128, lora_ids=lora_ids,
+                 num_tokens_per_lora=torch.zeros(entries, dtype=torch.int32))
+    expand[(8 * 112, 2, 32)](*args)
+    [(map_grid, map_args, _)] = map_kernel.launches
+    tiles = 8 + 32
+    assert map_grid == (entries,) and map_args[1] is lora_ids
+    assert map_args[2].shape == (1 + 2 * tiles,) and map_args[2].dtype == torch.int32
+    assert map_args[3:6] == (entries, lora_grid.triton.next_power_of_2(entries), 64)  # entries, their power of 2, BLOCK_M
+    grid, _, options = compact_kernel.launches[-1]
+    assert grid == (tiles * 112, 2, 1) and options["TILE_MAP"] and options["tile_map"] is map_args[2]
 
 
 def test_launch_keeps_vllms_kernel_and_grid_where_compact_does_not_pay():
