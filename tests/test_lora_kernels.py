@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -77,6 +78,29 @@ def test_vllm_finds_every_shipped_config(vllm_reads_configs_from):
     assert get_configs("expand", 17, 256, 14336, 16, 2, True) == row["config"]
     assert row["speedup"] > 1
     assert vllm_reads_configs_from(None)("expand", 17, 256, 14336, 16, 2, True) != row["config"]
+
+
+def test_many_slots_get_small_token_blocks_up_to_1024_tokens(vllm_reads_configs_from):
+    """The shipped 256-slot table (vLLM's key 257, the lora_ids length) is the 16-slot one with token blocks of 16
+    (and expand output blocks of 256) where a batch spreads few tokens over each adapter (BENCHMARKS.md, tenth
+    session); vLLM takes the nearest key, so 16-64 slots keep the 16-slot table."""
+    get_configs = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)
+    keys = lora_kernels.kernel_keys(lora_kernels.layer_families(LLAMA_8B), 16)
+    for m in (16, 300, 512, 1024):
+        for slices, k, n in keys["shrink"]:
+            many, few = get_configs("shrink", 257, m, k, n, slices), get_configs("shrink", 17, m, k, n, slices)
+            assert many == {**few, "block_m": 16}
+        for slices, k, n in keys["expand"]:
+            for add_inputs in (True, False):
+                many = get_configs("expand", 257, m, n, k, slices, add_inputs)
+                assert many == {**get_configs("expand", 17, m, n, k, slices, add_inputs), "block_m": 16,
+                                "block_n": 256}
+    for m in (2048, 8192):  # prefill chunks: whole prompts per adapter, tuned tiles
+        for slices, k, n in keys["expand"]:
+            assert get_configs("expand", 257, m, n, k, slices, True) == get_configs("expand", 17, m, n, k, slices, True)
+    assert get_configs("expand", 65, 512, 14336, 16, 2, True) == get_configs("expand", 17, 512, 14336, 16, 2, True)
+    report = json.loads((lora_kernels.PACKAGED_CONFIGS / "NVIDIA_H200_TUNING_REPORT.json").read_text())
+    assert (Path(__file__).resolve().parents[1] / report["derived_tables"]["257"]["evidence"]).is_file()
 
 
 def test_server_uses_shipped_configs_only_where_tuned(tmp_path):
