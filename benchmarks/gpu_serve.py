@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -91,6 +92,13 @@ def traffic(spec: str, adapters: list[str], base: str, requests: int, seed: int)
         return [rng.choice(pool) for _ in range(requests)]
     weights = [1 / (rank + 1) ** ZIPF_EXPONENT for rank in range(count)]
     return rng.choices(pool, weights=weights, k=requests)
+
+
+def case_seed(spec: str, occurrence: int) -> int:
+    """The seed of a case's traffic and prompts: the same for the same case (and its repeat count) in any server's
+    case list, so two servers get the same requests whatever the order of their cases; different for every
+    burst of one server, so that no burst's prompts are in the prefix cache."""
+    return zlib.crc32(f"{spec}#{occurrence}".encode())
 
 
 def random_prompts(requests: int, length: int, seed: int, low: int = 100, high: int = 49000) -> list[list[int]]:
@@ -550,9 +558,11 @@ def bench(args) -> dict:
         warm_stats = summarize(client.burst(server.url, warm), 4)
         log("warm-up:", warm_stats)
         try:
-            for index, spec in enumerate(args.cases.split(",")):
-                models = traffic(spec, adapters, base, args.requests, seed=index)
-                prompts = random_prompts(args.requests, args.prompt_len, seed=1000 + index)
+            specs = args.cases.split(",")
+            for index, spec in enumerate(specs):
+                seed = case_seed(spec, specs[:index].count(spec))
+                models = traffic(spec, adapters, base, args.requests, seed=seed)
+                prompts = random_prompts(args.requests, args.prompt_len, seed=seed + 1)
                 with BurstSampler(server.url) as sampler:
                     records = client.burst(server.url, [completion_body(m, p, args.output_len)
                                                         for m, p in zip(models, prompts)])

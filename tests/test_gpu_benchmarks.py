@@ -33,6 +33,17 @@ def test_serve_arguments():
                                   "--new-dir", "n", "--out", "o", *bad])
 
 
+def test_same_case_gets_the_same_requests_on_every_server():
+    """Two servers' case lists in different orders still send the same requests per case, and the repeat of a
+    case within one list gets new ones (its prompts must not come from the prefix cache)."""
+    seed = gpu_serve.case_seed
+    assert seed("256-zipf", 0) == seed("256-zipf", 0)
+    assert len({seed("base", 0), seed("base", 1), seed("32", 0), seed("256-zipf", 0)}) == 4
+    names = gpu_serve.adapter_names(256)
+    assert (gpu_serve.traffic("256-zipf", names, "b", 512, seed("256-zipf", 0))
+            == gpu_serve.traffic("256-zipf", names, "b", 512, seed("256-zipf", 0)))
+
+
 def test_traffic_mixes():
     names = gpu_serve.adapter_names(256)
     assert names[:2] == ["a000", "a001"] and len(set(names)) == 256
