@@ -2,10 +2,11 @@
 
 For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv, o, gate_up, down), each batch size
 and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
-compact one, the compact one reading a tile map), each timed in a CUDA graph as the server runs them, with the tile
-configs `loraplex serve` uses on this GPU (the shipped tuned folder where it covers the GPU, else vLLM's defaults)
-and with any --config laid over them, and the largest difference from vLLM's grid's output with the server's
-configs (every variant must compute the same numbers). Summed over the eight kernels, x 32 layers, that is the LoRA
+compact one, the compact one reading a tile map, that one with each slice of a layer handled as a layer of one),
+each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
+shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
+largest difference from vLLM's grid's output with the server's configs (every variant must compute the same
+numbers). Summed over the eight kernels, x 32 layers, that is the LoRA
 time of one engine step.
 
     python benchmarks/gpu_lora_grid.py --out benchmarks/results/gpu-lora-grid.json
@@ -28,9 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
-# The grids a kernel can be launched over; for the compact grid, lora_grid.TILE_MAP_FROM_ENTRIES during the run
-# (prefix sum in every block, or the tile map whatever the slot count).
-GRIDS = {"vllm": None, "compact": 10**9, "compact_map": 0}
+# The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run: the prefix
+# sum in every block or the tile map whatever the slot count, and the expand's layers of several slices handled
+# slice by slice as layers of one.
+GRIDS = {"vllm": None,
+         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "SLICES_AS_ONE": False},
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "SLICES_AS_ONE": False},
+         "compact_map_one_slice": {"TILE_MAP_FROM_ENTRIES": 0, "SLICES_AS_ONE": True}}
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
@@ -79,7 +84,8 @@ def bench(args) -> dict:
                                     lora_grid.restore()
                                 else:
                                     lora_grid.install()
-                                    lora_grid.TILE_MAP_FROM_ENTRIES = GRIDS[grid]
+                                    for name, value in GRIDS[grid].items():
+                                        setattr(lora_grid, name, value)
                                 row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
                                        "config_name": config_name, "grid": grid, "config": config}
                                 try:
@@ -89,7 +95,8 @@ def bench(args) -> dict:
                                     totals[(config_name, grid)] = float("nan")
                                 else:
                                     row["us"] = round(us, 2)
-                                    row["max_rel_diff"] = float(f"{(output - reference).abs().max().item() / scale:.2e}")
+                                    difference = (output - reference).abs().max().item() / scale
+                                    row["max_rel_diff"] = float(f"{difference:.2e}")
                                     totals[(config_name, grid)] = totals.get((config_name, grid), 0.0) + us
                                 rows.append(row)
                         lora_grid.restore()

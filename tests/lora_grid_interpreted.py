@@ -5,7 +5,8 @@ kernel is defined and vLLM's CPU build hides Triton from its own modules.
 - tiles: for batches of adapter token counts, which (adapter entry, token block) every compact tile maps to;
   tile_maps: the same from the tile map that launches with many slots write first.
 - expand: vLLM's own expand launcher (its kernel parameters are the ones the compact grid knows) run with vLLM's
-  kernel and with the compact launch, against a plain torch computation.
+  kernel and with the compact launch (with and without the tile map and one-slice handling), against a plain
+  torch computation.
 """
 
 import json
@@ -57,7 +58,8 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 
 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
-                with_base_tokens: bool, tile_map_from_entries: int = lora_grid.TILE_MAP_FROM_ENTRIES) -> dict:
+                with_base_tokens: bool, **settings) -> dict:
+    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, SLICES_AS_ONE)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -83,10 +85,13 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
         def grid(self, vllm_grid, named):
             compact = super().grid(vllm_grid, named)
             launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
-                             "tile_map": bool(compact and compact[1]["TILE_MAP"])})
+                             "tile_map": bool(compact and compact[1]["TILE_MAP"]),
+                             "slice_as_one": bool(compact and compact[1]["SLICE_AS_ONE"])})
             return compact
 
-    lora_grid.TILE_MAP_FROM_ENTRIES, kept_setting = tile_map_from_entries, lora_grid.TILE_MAP_FROM_ENTRIES
+    kept_settings = {name: getattr(lora_grid, name) for name in settings}
+    for name, value in settings.items():
+        setattr(lora_grid, name, value)
     try:
         by_vllm = run(vllm_kernel)
         # where the compact grid does not pay, vLLM's kernel runs as the server installs it: without specialisation
@@ -94,7 +99,8 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
                                   lora_grid.unspecialised(vllm_kernel, lora_grid.EXPAND_UNSPECIALISED)))
     finally:
         lora_expand_op._lora_expand_kernel = vllm_kernel
-        lora_grid.TILE_MAP_FROM_ENTRIES = kept_setting
+        for name, value in kept_settings.items():
+            setattr(lora_grid, name, value)
     expected = start.float().clone()
     offset = 0
     for index, size in enumerate(sizes):
@@ -111,7 +117,7 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     # the kernels round to float16 once, the reference not at all
     scale = expected.abs().max().item()
     return {"tokens": tokens, "max_loras": max_loras, "sizes": list(sizes), "add_inputs": add_inputs,
-            "with_base_tokens": with_base_tokens, "tile_map": max_loras + 1 >= tile_map_from_entries,
+            "with_base_tokens": with_base_tokens, "settings": settings,
             "launches": launches,
             "compact_vs_vllm": (by_compact - by_vllm).abs().max().item(),
             "vllm_vs_reference": (by_vllm - expected).abs().max().item() / scale,
@@ -135,8 +141,12 @@ def main() -> None:
     expand_results = [expand_case(1, 200, 4, (48, 16, 16), True, True),
                       expand_case(2, 300, 8, (64, 64), False, False),
                       expand_case(3, 130, 4, (96,), True, False),
-                      expand_case(4, 200, 4, (48, 16, 16), True, True, tile_map_from_entries=0),
-                      expand_case(5, 300, 8, (64, 64), False, False, tile_map_from_entries=0)]
+                      expand_case(4, 200, 4, (48, 16, 16), True, True, TILE_MAP_FROM_ENTRIES=0),
+                      expand_case(5, 300, 8, (64, 64), False, False, TILE_MAP_FROM_ENTRIES=0),
+                      # slices of other widths (qkv-like: strides from a table) and of one width (gate_up-like)
+                      expand_case(6, 200, 4, (48, 16, 16), True, True, SLICES_AS_ONE=True),
+                      expand_case(7, 300, 8, (64, 64), True, False, SLICES_AS_ONE=True,
+                                  TILE_MAP_FROM_ENTRIES=0)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

@@ -267,13 +267,11 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             return 10.0 if config["block_m"] == 64 else 5.0
 
     monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
-    kept = lora_grid.TILE_MAP_FROM_ENTRIES
-    try:
-        gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
-                            "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
-                            "--out", str(tmp_path / "grid.json")])
-    finally:
-        lora_grid.TILE_MAP_FROM_ENTRIES = kept
+    for name in ("TILE_MAP_FROM_ENTRIES", "SLICES_AS_ONE"):  # the run sets them; put them back after
+        monkeypatch.setattr(lora_grid, name, getattr(lora_grid, name))
+    gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
+                        "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
+                        "--out", str(tmp_path / "grid.json")])
     result = json.loads((tmp_path / "grid.json").read_text())
     assert result["configs"] == {"server": {}, "bm16": {"expand": {"block_m": 16}}}
     totals = {(t["config_name"], t["grid"]): t["layer_us"] for t in result["layer_totals"]}

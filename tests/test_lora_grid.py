@@ -46,9 +46,11 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 4, "the cases meant for the compact grid did not use it"
-    assert [c["launches"][0]["tile_map"] for c in compact] == [c["tile_map"] for c in compact] == [
-        False, False, True, True], "the cases meant to read a tile map did not (or others did)"
+    assert len(compact) == 6, "the cases meant for the compact grid did not use it"
+    # each setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) and
+    # the one-slice handling of layers of several slices
+    launched = [(c["launches"][0]["tile_map"], c["launches"][0]["slice_as_one"]) for c in compact]
+    assert launched == [(False, False), (False, False), (True, False), (True, False), (False, True), (True, True)]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
@@ -92,7 +94,7 @@ def test_launch_passes_vllms_arguments_with_a_compact_grid():
     assert passed == args
     tile_map = options.pop("tile_map")
     assert options == {"num_warps": 4, "launch_pdl": False, "NUM_ENTRIES": 17, "ENTRIES_P2": 32,
-                       "TILE_MAP": False}
+                       "TILE_MAP": False, "SLICE_AS_ONE": lora_grid.SLICES_AS_ONE}
     assert tile_map is args[lora_grid.SHRINK_PARAMS.index("lora_ids")]  # 17 entries: no map, a stand-in
     assert not vllm_kernel.launches
 
@@ -117,7 +119,8 @@ def test_many_slots_launch_a_tile_map_first():
     tiles = 8 + 32
     assert map_grid == (entries,) and map_args[1] is lora_ids
     assert map_args[2].shape == (1 + 2 * tiles,) and map_args[2].dtype == torch.int32
-    assert map_args[3:6] == (entries, lora_grid.triton.next_power_of_2(entries), 64)  # entries, their power of 2, BLOCK_M
+    # entries, their power of 2, BLOCK_M
+    assert map_args[3:6] == (entries, lora_grid.triton.next_power_of_2(entries), 64)
     grid, _, options = compact_kernel.launches[-1]
     assert grid == (tiles * 112, 2, 1) and options["TILE_MAP"] and options["tile_map"] is map_args[2]
 
