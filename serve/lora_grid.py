@@ -249,7 +249,7 @@ class CompactLaunch:
     def grid(self, vllm_grid: tuple, named: dict) -> tuple[tuple, dict] | None:
         """The compact grid and the extra kernel arguments, from vLLM's grid (its last axis: adapters in the
         batch, rounded up to a captured count, or max_loras + 1) and vLLM's kernel arguments; None where vLLM's
-        grid is kept. TILES is the number of tiles the grid has room for (the tile map's length)."""
+        grid is kept."""
         entries = int(named["lora_ids"].numel())
         adapters = min(int(vllm_grid[2]), entries)
         token_blocks = triton.cdiv(named["M"], named["BLOCK_M"])
@@ -257,11 +257,12 @@ class CompactLaunch:
             return None
         tiles = token_blocks + adapters
         blocks = tiles * triton.cdiv(named["N"], named["BLOCK_N"])
-        extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries), "TILES": tiles,
-                 "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES}
-        extra["SLICE_AS_ONE"] = SLICES_AS_ONE
+        extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries),
+                 "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES, "SLICE_AS_ONE": SLICES_AS_ONE}
         if self.op == "shrink":
             blocks *= named["SPLIT_K"]
+        else:
+            extra["TILES"] = tiles
         return (blocks, vllm_grid[1], 1), extra
 
     def tile_map(self, named: dict, extra: dict):
@@ -271,7 +272,9 @@ class CompactLaunch:
             return named["lora_ids"]
         import torch
 
-        tile_map = torch.empty(1 + 2 * extra["TILES"], dtype=torch.int32, device=named["lora_ids"].device)
+        # room for every tile the grid can have (token blocks + adapters; entries >= adapters)
+        room = triton.cdiv(named["M"], named["BLOCK_M"]) + extra["NUM_ENTRIES"]
+        tile_map = torch.empty(1 + 2 * room, dtype=torch.int32, device=named["lora_ids"].device)
         self.map_kernel[(extra["NUM_ENTRIES"],)](named["num_tokens_per_lora"], named["lora_ids"], tile_map,
                                                  extra["NUM_ENTRIES"], extra["ENTRIES_P2"], named["BLOCK_M"], 128)
         return tile_map
@@ -284,10 +287,7 @@ class CompactLaunch:
             if compact is None:
                 return self.fallback[vllm_grid](*args, **options)
             grid, extra = compact
-            tile_map = self.tile_map(named, extra)
-            if self.op == "shrink":
-                extra = {k: v for k, v in extra.items() if k != "TILES"}
-            return self.kernel[grid](*args, **options, **extra, tile_map=tile_map)
+            return self.kernel[grid](*args, **options, **extra, tile_map=self.tile_map(named, extra))
         return launch
 
 
