@@ -54,17 +54,23 @@ EXPAND_BLOCK_PARAMS = (
 
 
 @triton.jit
-def adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """For compact tile number `tile`: (its entry in lora_ids, its token block within that adapter's tokens, the
-    number of tiles in all). Adapters in lora_ids order, cdiv(tokens, BLOCK_M) tiles each; the entry for tokens
-    without an adapter (-1) and unused entries get none."""
+def entry_tiles(num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(lora_ids positions, tiles of each entry, running total of tiles): adapters in lora_ids order,
+    cdiv(tokens, BLOCK_M) tiles each; the entry for tokens without an adapter (-1) and unused entries get none."""
     offs = tl.arange(0, ENTRIES_P2)
     inside = offs < NUM_ENTRIES
     counts = tl.load(num_tokens_per_lora + offs, mask=inside, other=0)
     ids = tl.load(lora_ids + offs, mask=inside, other=-1)
     tiles = tl.where(ids == -1, 0, (counts + BLOCK_M - 1) // BLOCK_M)
-    ends = tl.cumsum(tiles, axis=0)
+    return offs, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def adapter_tile(tile, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """For compact tile number `tile`: (its entry in lora_ids, its token block within that adapter's tokens, the
+    number of tiles in all)."""
+    offs, tiles, ends = entry_tiles(num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
     entry = tl.sum((ends <= tile).to(tl.int32), axis=0)
     first = tl.sum(tl.where(offs == entry, ends - tiles, 0), axis=0)
     return entry, tile - first, tl.sum(tiles, axis=0)
@@ -76,12 +82,7 @@ def tile_map_kernel(num_tokens_per_lora, lora_ids, tile_map, NUM_ENTRIES, ENTRIE
     """One program per lora_ids entry: writes (entry, token block) of each of the entry's tiles into
     tile_map[1 + 2 * tile], tile_map[2 + 2 * tile], and (entry 0) the number of tiles in all into tile_map[0]."""
     entry = tl.program_id(axis=0)
-    offs = tl.arange(0, ENTRIES_P2)
-    inside = offs < NUM_ENTRIES
-    counts = tl.load(num_tokens_per_lora + offs, mask=inside, other=0)
-    ids = tl.load(lora_ids + offs, mask=inside, other=-1)
-    tiles = tl.where(ids == -1, 0, (counts + BLOCK_M - 1) // BLOCK_M)
-    ends = tl.cumsum(tiles, axis=0)
+    offs, tiles, ends = entry_tiles(num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2, BLOCK_M)
     mine = tl.sum(tl.where(offs == entry, tiles, 0), axis=0)
     first = tl.sum(tl.where(offs == entry, ends, 0), axis=0) - mine
     if entry == 0:
