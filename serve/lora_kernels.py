@@ -363,10 +363,45 @@ def _tune_one(op: str, fan_in: int, slices: tuple[int, ...], m: int, max_loras: 
     return best, best_us, cost(default)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def with_earlier_tables(out: Path, files: dict[str, dict], report_name: str, key: str) -> dict[str, dict]:
+    """The files a tuning writes into `out`, keeping the tables `out` already holds for other slot counts (vLLM
+    takes the table of the nearest count, so one folder can serve several) and, in the report's kept_tables, the
+    earlier report's account of each."""
+    kept_keys: set[str] = set()
+    for name, table in files.items():
+        earlier = _read_json(out / name) if name != report_name else None
+        if isinstance(earlier, dict):
+            kept = {k: v for k, v in earlier.items() if k != key}
+            kept_keys |= set(kept)
+            files[name] = {**kept, **table}
+    if kept_keys:
+        earlier_report = _read_json(out / report_name)
+        earlier_report = earlier_report if isinstance(earlier_report, dict) else {}
+
+        def account(kept_key: str) -> dict:
+            for section in ("kept_tables", "derived_tables"):
+                if kept_key in earlier_report.get(section, {}):
+                    return earlier_report[section][kept_key]
+            if str(earlier_report.get("max_loras", -2) + 1) == kept_key:
+                return {k: v for k, v in earlier_report.items() if k not in ("kept_tables", "derived_tables")}
+            return {"note": "kept from the folder's earlier files; no report there says how they were made"}
+
+        files[report_name] = {**files[report_name],
+                              "kept_tables": {k: account(k) for k in sorted(kept_keys, key=int)}}
+    return files
+
+
 def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list[int], passes: int,
          time_budget_s: float, compact_grid: bool = True) -> dict:
     """Tune both kernels for every merged layer shape and batch size; write vLLM's three files and a report into
-    `out`. Batch sizes not reached within the budget get vLLM's default config, so every key vLLM asks for exists.
+    `out` (keeping the tables it holds for other slot counts). Batch sizes not reached within the budget get vLLM's default config, so every key vLLM asks for exists.
     With `compact_grid` the kernels are timed as `loraplex serve` launches them by default (serve/lora_grid.py)."""
     import torch
     import vllm
@@ -411,6 +446,7 @@ def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list
                "kernel_grid": kernel_grid,
                "searched_batches": sorted({row["m"] for row in report}), "kernels": report}
     files[f"{file_prefix(gpu)}_TUNING_REPORT.json"] = summary
+    files = with_earlier_tables(out, files, f"{file_prefix(gpu)}_TUNING_REPORT.json", str(max_loras + 1))
     for name, content in files.items():  # write-then-rename: a server never reads half a file
         tmp = out / f".{name}.tmp"
         tmp.write_text(json.dumps(content, indent=1) + "\n")

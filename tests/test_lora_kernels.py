@@ -209,6 +209,33 @@ def test_tuner_writes_files_vllm_reads_for_any_llama_shape(tmp_path, monkeypatch
         assert get_configs("expand", 9, 300, n, k, slices, True)["tuned_for"] == ["expand", 256]
 
 
+def test_tuning_into_a_folder_keeps_its_tables_for_other_slot_counts(tmp_path, monkeypatch,
+                                                                     vllm_reads_configs_from):
+    """vLLM takes the table of the nearest slot count, so a folder can hold several: tuning for 64 slots into a
+    copy of the shipped folder replaces nothing but the 64-slot table, and the report keeps how the others were
+    made."""
+    import shutil
+
+    folder = tmp_path / "configs"
+    shutil.copytree(lora_kernels.PACKAGED_CONFIGS, folder)
+    shipped = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)("expand", 257, 512, 14336, 16, 2, True)
+    tuned = {"block_m": 32, "block_n": 64, "block_k": 16, "split_k": 1, "num_warps": 4, "num_stages": 2,
+             "num_ctas": 1}
+    monkeypatch.setattr(lora_kernels, "_tune_one", lambda *args: (tuned, 1.0, 2.0))
+    monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
+    lora_kernels.tune(LLAMA_8B, folder, max_loras=64, rank=16, batches=[512], passes=1, time_budget_s=60)
+    for name in ("NVIDIA_H200_SHRINK.json", "NVIDIA_H200_EXPAND_TRUE.json", "NVIDIA_H200_EXPAND_FALSE.json"):
+        assert sorted(json.loads((folder / name).read_text()), key=int) == ["17", "65", "257"]
+    get_configs = vllm_reads_configs_from(folder)
+    assert get_configs("expand", 65, 512, 14336, 16, 2, True) == tuned
+    assert get_configs("expand", 257, 512, 14336, 16, 2, True) == shipped
+    report = json.loads((folder / "NVIDIA_H200_TUNING_REPORT.json").read_text())
+    assert report["max_loras"] == 64 and set(report["kept_tables"]) == {"17", "257"}
+    assert report["kept_tables"]["17"]["max_loras"] == 16 and report["kept_tables"]["17"]["kernels"]
+    assert report["kept_tables"]["257"]["evidence"].endswith("gpu-lora-grid-slots256-2026-11-29.json")
+    assert lora_kernels.folder_problems(folder, "NVIDIA H200", LLAMA_8B) == ([], [])
+
+
 def test_shipped_configs_are_well_formed_for_the_models_they_serve():
     assert lora_kernels.folder_problems(lora_kernels.PACKAGED_CONFIGS, "NVIDIA H200", LLAMA_8B) == ([], [])
 
