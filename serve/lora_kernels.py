@@ -401,8 +401,9 @@ def with_earlier_tables(out: Path, files: dict[str, dict], report_name: str, key
 def tune(model_config: dict, out: Path, max_loras: int, rank: int, batches: list[int], passes: int,
          time_budget_s: float, compact_grid: bool = True) -> dict:
     """Tune both kernels for every merged layer shape and batch size; write vLLM's three files and a report into
-    `out` (keeping the tables it holds for other slot counts). Batch sizes not reached within the budget get vLLM's default config, so every key vLLM asks for exists.
-    With `compact_grid` the kernels are timed as `loraplex serve` launches them by default (serve/lora_grid.py)."""
+    `out` (keeping the tables it holds for other slot counts). Batch sizes not reached within the budget get
+    vLLM's default config, so every key vLLM asks for exists. With `compact_grid` the kernels are timed as
+    `loraplex serve` launches them by default (serve/lora_grid.py)."""
     import torch
     import vllm
 
