@@ -6,8 +6,7 @@ compact one, the compact one reading a tile map, that one with each slice of a l
 each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
 shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
 largest difference from vLLM's grid's output with the server's configs (every variant must compute the same
-numbers). Summed over the eight kernels, x 32 layers, that is the LoRA
-time of one engine step.
+numbers). Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
 
     python benchmarks/gpu_lora_grid.py --out benchmarks/results/gpu-lora-grid.json
     python benchmarks/gpu_lora_grid.py --slots 256 --batches 512 --actives 32,256 \\
