@@ -378,7 +378,7 @@ def with_earlier_tables(out: Path, files: dict[str, dict], report_name: str, key
     for name, table in files.items():
         earlier = _read_json(out / name) if name != report_name else None
         if isinstance(earlier, dict):
-            kept = {k: v for k, v in earlier.items() if k != key}
+            kept = {k: v for k, v in earlier.items() if k != key and k.isdigit()}  # vLLM reads only int keys
             kept_keys |= set(kept)
             files[name] = {**kept, **table}
     if kept_keys:
