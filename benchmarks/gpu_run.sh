@@ -14,6 +14,8 @@
 #                   and its compact LoRA grid (vLLM's --worker-extension-cls); $CASES, $SLOTS, $SERVER_ARGS as
 #                   for serve-slots; PROFILE_CASES=8,32 then runs those once more under vLLM's profiler and reports
 #                   GPU kernel time by kind)
+#   serve-pair      loraplex and vLLM's server on the one GPU (--gpu-memory-utilization ${PAIR_GPU_SHARE:-0.45} each),
+#                   each case ${REPEATS:-3} times to each in alternating order; $CASES, $SLOTS, $SERVER_ARGS as above
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
@@ -149,6 +151,20 @@ step_serve_vllm() {
   stop_leftover_servers
 }
 
+step_serve_pair() {
+  setup || return 1
+  stop_leftover_servers
+  step_prepare || return 1
+  local tag flags=(${SERVER_ARGS:-} --gpu-memory-utilization "${PAIR_GPU_SHARE:-0.45}")
+  tag=$(echo "pair${SLOTS:+-maxloras$SLOTS}${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
+  say "loraplex and vLLM's server on one GPU, bursts alternating ${SLOTS:+--max-loras $SLOTS} ${RUN_TAG:-}"
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server pair --repeats "${REPEATS:-3}" \
+    ${SLOTS:+--max-loras "$SLOTS"} "${flags[@]/#/--server-arg=}" --cases "${CASES:-$FEWER_CASES}" \
+    --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" --server-log "$OUT/server-$tag.log" \
+    --out "$OUT/serve-$tag.json" $BENCH_ARGS
+  stop_leftover_servers
+}
+
 step_tune_lora() {
   setup || return 1
   step_prepare || return 1
@@ -224,6 +240,7 @@ while [ $# -gt 0 ]; do
     serve-slots) step_serve_slots 2>&1 | tee -a "$OUT/serve-slots.log" ;;
     serve-vllm) step_serve_vllm 2>&1 | tee -a "$OUT/serve-vllm.log" ;;
     tune-lora) step_tune_lora 2>&1 | tee -a "$OUT/tune-lora.log" ;;
+    serve-pair) step_serve_pair 2>&1 | tee -a "$OUT/serve-pair.log" ;;
     grid-bench) step_grid_bench 2>&1 | tee -a "$OUT/grid-bench.log" ;;
     lora-load) step_lora_load 2>&1 | tee -a "$OUT/lora-load.log" ;;
     train) step_train 2>&1 | tee -a "$OUT/train.log" ;;

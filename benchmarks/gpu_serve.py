@@ -16,6 +16,10 @@ helped by the prefix cache. Cases:
 server started: on an idle server (loaded by the request itself, or first prefetched by a registry scan), and
 under a burst of base-model streams, whose largest gap between tokens is compared with the same burst alone.
 
+`--server pair` starts both servers on the one GPU (give each a share of it: `--server-arg=--gpu-memory-utilization
+--server-arg=0.45`) and sends each case `--repeats` times to each, alternating which goes first, the same requests
+to both: the machine's drift then falls on both alike, and `pairs` gives loraplex's tokens/s over vLLM's per burst.
+
 `--profile-cases` (vLLM's server only: loraplex does not expose vLLM's profiler) runs those cases once more
 after the measured ones under vLLM's torch profiler and records where the GPU's time went: kernel time by kind
 (LoRA shrink/expand, GEMM, attention, other) and the kernels that took most. Profiled bursts run slower; their
@@ -32,6 +36,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import math
 import os
 import random
 import re
@@ -525,6 +530,121 @@ def cold_adapter_test(args, server: Server, client: LoadClient, base: str, new_n
 
 # ---------------------------------------------------------------- main
 
+def measure_case(server: Server, client: LoadClient, name: str, spec: str, models: list[str],
+                 prompts: list[list[int]], args) -> dict:
+    """One case's burst on one server: its stats and what the engine and GPU did meanwhile."""
+    with BurstSampler(server.url) as sampler:
+        records = client.burst(server.url, [completion_body(m, p, args.output_len) for m, p in zip(models, prompts)])
+    stats = {**summarize(records, args.output_len), **sampler.summary(records)}
+    count, mix = parse_case(spec)
+    case = {"name": name, "adapters": count, "traffic": mix, "distinct_adapters": len(set(models)) if count else 0,
+            **stats}
+    log(json.dumps(case))
+    if stats["errors"] == stats["requests"]:
+        raise RuntimeError(f"every request failed: {stats.get('first_error')}")
+    return case
+
+
+def add_ratios_to_base(cases: list[dict]) -> None:
+    """ratio_to_base: each case's tokens/s over the mean of the same server's base-model bursts."""
+    bases = [c["out_tok_s"] for c in cases if c["adapters"] == 0 and "out_tok_s" in c]
+    if bases:
+        reference = sum(bases) / len(bases)
+        for case in cases:
+            if "out_tok_s" in case:
+                case["ratio_to_base"] = round(case["out_tok_s"] / reference, 3)
+
+
+def pair_order(index: int, repeat: int) -> tuple[str, str]:
+    """Which server takes a burst first: alternating, so that neither always follows the other's burst."""
+    return ("loraplex", "vllm") if (index + repeat) % 2 == 0 else ("vllm", "loraplex")
+
+
+def pair_summary(cases: list[dict]) -> dict:
+    """loraplex's tokens/s over vLLM's, burst by burst (the cases carry server, case and repeat), per case and
+    over all bursts (geometric mean)."""
+    by_burst: dict[tuple[str, int], dict[str, float]] = {}
+    for case in cases:
+        if "out_tok_s" in case:
+            by_burst.setdefault((case["case"], case["repeat"]), {})[case["server"]] = case["out_tok_s"]
+    ratios: dict[str, list[float]] = {}
+    for (case, _), tok_s in by_burst.items():
+        if {"loraplex", "vllm"} <= set(tok_s) and tok_s["vllm"] > 0:
+            ratios.setdefault(case, []).append(tok_s["loraplex"] / tok_s["vllm"])
+    every = [r for values in ratios.values() for r in values]
+    geomean = lambda values: math.exp(sum(math.log(v) for v in values) / len(values))  # noqa: E731
+    return {"per_case": [{"case": case, "loraplex_over_vllm": [round(r, 3) for r in values],
+                          "geomean": round(geomean(values), 3)} for case, values in ratios.items()],
+            "geomean_all_bursts": round(geomean(every), 3) if every else None, "bursts": len(every)}
+
+
+def bench_pair(args) -> dict:
+    """Both servers on one GPU, each case sent `repeats` times to each in alternating order (module docstring)."""
+    from loraplex.registry import list_adapters
+    from loraplex.serve.adapters import size_loras
+    from loraplex.serve.pinned_memory import engine_process_environment
+    from loraplex.server_process import free_port
+
+    found, _ = list_adapters(Path(args.registry))
+    adapters = sorted(a.name for a in found)
+    sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
+    servers, bases, ready_s, reserves, cases, extra = {}, {}, {}, {}, [], {}
+    client = LoadClient(args.client_processes)
+    try:
+        for name in ("loraplex", "vllm"):  # one after the other: each engine sizes its memory alone
+            each = argparse.Namespace(**{**vars(args), "server": name})
+            if name == "vllm":
+                same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
+            port = free_port()
+            reserves[name] = vllm_pinned_reserve_mib(each, adapters, sizing) if name == "vllm" else 0
+            log_path = args.server_log.with_name(f"{args.server_log.stem}-{name}{args.server_log.suffix}")
+            with engine_process_environment(reserves[name]):
+                servers[name] = Server(server_command(each, port, adapters, sizing), port, log_path)
+            ready_s[name] = round(servers[name].wait_ready(args.start_timeout), 1)
+            bases[name] = base_model_name(each)
+            log(f"{name} ready in {ready_s[name]:.0f}s with {len(adapters)} adapters ({sizing})")
+            warm = [completion_body(m, p, 4) for m, p in
+                    zip([bases[name], *adapters[:64]], random_prompts(65, 32, seed=1))]
+            log("warm-up:", summarize(client.burst(servers[name].url, warm), 4))
+        specs = args.cases.split(",")
+        try:
+            for index, spec in enumerate(specs):
+                occurrence = specs[:index].count(spec)
+                for repeat in range(args.repeats):
+                    seed = case_seed(spec, occurrence * args.repeats + repeat)
+                    prompts = random_prompts(args.requests, args.prompt_len, seed=seed + 1)
+                    label = case_label(spec) + (f" (again {occurrence})" if occurrence else "")
+                    for name in pair_order(index, repeat):
+                        models = traffic(spec, adapters, bases[name], args.requests, seed=seed)
+                        case = measure_case(servers[name], client, f"{name}: {label} #{repeat + 1}", spec, models,
+                                            prompts, args)
+                        cases.append({**case, "server": name, "case": label, "repeat": repeat})
+                    write_result(args.out, result_document("serve", cases, partial=True))
+        except Exception as e:  # keep the bursts measured so far
+            extra["error"] = f"{type(e).__name__}: {e}"
+            log("stopped early:", extra["error"])
+        for name in servers:
+            add_ratios_to_base([c for c in cases if c["server"] == name])
+    finally:
+        client.close()
+        for server in servers.values():
+            server.stop()
+    extra["pairs"] = pair_summary(cases)
+    log("pairs:", json.dumps(extra["pairs"]))
+    settings = {"server": "pair", "label": "loraplex and vLLM's server on one GPU, bursts alternating",
+                "server_ready_s": ready_s, "repeats": args.repeats, "registry_adapters": len(adapters),
+                "max_loras": sizing.max_loras, "max_cpu_loras": sizing.max_cpu_loras,
+                "max_lora_rank": sizing.max_lora_rank, "requests_per_case": args.requests,
+                "prompt_len": args.prompt_len, "output_len": args.output_len, "zipf_exponent": ZIPF_EXPONENT,
+                "client_processes": args.client_processes,
+                "commands": {name: " ".join(server_command(argparse.Namespace(**{**vars(args), "server": name}), 0,
+                                                           adapters[:2], sizing)) + " ..." for name in servers},
+                "vllm_environment": {k: v for k, v in sorted(os.environ.items())
+                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))},
+                "vllm_server_pinned_reserve_mib": reserves.get("vllm", 0)}
+    return result_document("serve", cases, settings=settings, **extra)
+
+
 def bench(args) -> dict:
     from loraplex.registry import list_adapters
     from loraplex.serve.adapters import size_loras
@@ -563,20 +683,10 @@ def bench(args) -> dict:
                 seed = case_seed(spec, specs[:index].count(spec))
                 models = traffic(spec, adapters, base, args.requests, seed=seed)
                 prompts = random_prompts(args.requests, args.prompt_len, seed=seed + 1)
-                with BurstSampler(server.url) as sampler:
-                    records = client.burst(server.url, [completion_body(m, p, args.output_len)
-                                                        for m, p in zip(models, prompts)])
-                stats = {**summarize(records, args.output_len), **sampler.summary(records)}
-                count, mix = parse_case(spec)
                 again = spec == "base" and any(c["adapters"] == 0 for c in cases)
-                name = case_label(spec) + (" (again)" if again else "")
-                case = {"name": f"{args.label}: {name}", "adapters": count, "traffic": mix,
-                        "distinct_adapters": len(set(models)) if count else 0, **stats}
-                cases.append(case)
-                log(json.dumps(case))
+                cases.append(measure_case(server, client, f"{args.label}: {case_label(spec)}"
+                                          + (" (again)" if again else ""), spec, models, prompts, args))
                 write_result(args.out, result_document("serve", cases, partial=True))  # kept if the run is cut
-                if stats["errors"] == stats["requests"]:
-                    raise RuntimeError(f"every request failed: {stats.get('first_error')}")
             for index, spec in enumerate(args.profile_cases.split(",") if args.profile_cases else []):
                 models = traffic(spec, adapters, base, args.requests, seed=100 + index)
                 prompts = random_prompts(args.requests, args.prompt_len, seed=5000 + index)
@@ -591,12 +701,7 @@ def bench(args) -> dict:
         except Exception as e:  # keep the cases measured so far
             extra["error"] = f"{type(e).__name__}: {e}"
             log("stopped early:", extra["error"], "\n" + server.log_tail())
-        bases = [c["out_tok_s"] for c in cases if c["adapters"] == 0 and "out_tok_s" in c]
-        if bases:
-            reference = sum(bases) / len(bases)
-            for case in cases:
-                if "out_tok_s" in case:
-                    case["ratio_to_base"] = round(case["out_tok_s"] / reference, 3)
+        add_ratios_to_base(cases)
     finally:
         client.close()
         server.stop()
@@ -643,7 +748,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prep.add_argument("--adapters", type=int, default=256)
     prep.add_argument("--rank", type=int, default=16)
     b = sub.choices["bench"]
-    b.add_argument("--server", choices=("loraplex", "vllm"), required=True)
+    b.add_argument("--server", choices=("loraplex", "vllm", "pair"), required=True,
+                   help="pair: both on one GPU, bursts alternating (give each --gpu-memory-utilization 0.45).")
+    b.add_argument("--repeats", type=int, default=3, help="Bursts per case and server (--server pair).")
     b.add_argument("--label", help="Case name prefix (default: the server).")
     b.add_argument("--cases", default=DEFAULT_CASES, help="Comma-separated: base, N, N-uniform, N-zipf.")
     b.add_argument("--requests", type=int, default=512, help="Requests per case, sent as one burst.")
@@ -672,6 +779,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parse_case(spec)
             except ValueError as e:
                 parser.error(f"--profile-cases: {e}")
+        if args.server == "pair" and (args.cold or args.profile_cases or args.repeats < 1):
+            parser.error("--server pair measures bursts only (no --cold, no --profile-cases) and needs --repeats >= 1")
         if args.profile_cases and args.server != "vllm":
             parser.error("--profile-cases needs vLLM's server (loraplex does not expose vLLM's profiler)")
         if args.cold and args.server != "loraplex":
@@ -685,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "prepare":
         prepare(args)
         return
-    document = bench(args)
+    document = bench_pair(args) if args.server == "pair" else bench(args)
     write_result(args.out, document)
     log(f"wrote {args.out}")
     for case in document["cases"]:

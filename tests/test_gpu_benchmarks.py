@@ -44,6 +44,26 @@ def test_same_case_gets_the_same_requests_on_every_server():
             == gpu_serve.traffic("256-zipf", names, "b", 512, seed("256-zipf", 0)))
 
 
+def test_paired_servers_alternate_and_compare_burst_by_burst():
+    """--server pair: which server goes first alternates from burst to burst, and the summary divides loraplex's
+    tokens/s by vLLM's for the same case and repeat only."""
+    orders = [gpu_serve.pair_order(index, repeat) for index in range(2) for repeat in range(2)]
+    assert orders == [("loraplex", "vllm"), ("vllm", "loraplex"), ("vllm", "loraplex"), ("loraplex", "vllm")]
+    bursts = [("loraplex", "32 adapters", 0, 990.0), ("vllm", "32 adapters", 0, 1000.0),
+              ("vllm", "32 adapters", 1, 1000.0), ("loraplex", "32 adapters", 1, 1010.0),
+              ("loraplex", "base model only", 0, 2000.0)]  # this one's vLLM burst is missing: no pair
+    cases = [{"server": server, "case": case, "repeat": repeat, "out_tok_s": tok_s}
+             for server, case, repeat, tok_s in bursts]
+    summary = gpu_serve.pair_summary(cases)
+    assert summary["per_case"] == [{"case": "32 adapters", "loraplex_over_vllm": [0.99, 1.01], "geomean": 1.0}]
+    assert summary["bursts"] == 2 and summary["geomean_all_bursts"] == 1.0
+    base = ["bench", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--out", "o.json"]
+    assert gpu_serve.parse_args([*base, "--server", "pair", "--repeats", "2"]).repeats == 2
+    for bad in (["--cold"], ["--profile-cases", "8"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            gpu_serve.parse_args([*base, "--server", "pair", *bad])
+
+
 def test_traffic_mixes():
     names = gpu_serve.adapter_names(256)
     assert names[:2] == ["a000", "a001"] and len(set(names)) == 256
