@@ -578,34 +578,65 @@ def pair_summary(cases: list[dict]) -> dict:
             "geomean_all_bursts": round(geomean(every), 3) if every else None, "bursts": len(every)}
 
 
-def bench_pair(args) -> dict:
-    """Both servers on one GPU, each case sent `repeats` times to each in alternating order (module docstring)."""
+def registry_sizing(args) -> tuple[list[str], object]:
+    """The registry's adapter names and the LoRA sizing loraplex gives it (both servers get the same)."""
     from loraplex.registry import list_adapters
     from loraplex.serve.adapters import size_loras
+
+    found, _ = list_adapters(Path(args.registry))
+    return sorted(a.name for a in found), size_loras([a.rank for a in found], max_loras=args.max_loras)
+
+
+def for_server(args, name: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "server": name})
+
+
+def start_server(args, adapters: list[str], sizing, log_path: Path, extra_flags: list[str] = ()) -> tuple[Server, int]:
+    """The server args.server names, started with every registry adapter (not yet ready), and the pinned
+    reserve (MiB) its engine process was given."""
     from loraplex.serve.pinned_memory import engine_process_environment
     from loraplex.server_process import free_port
 
-    found, _ = list_adapters(Path(args.registry))
-    adapters = sorted(a.name for a in found)
-    sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
+    if args.server == "vllm":
+        same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
+    port = free_port()
+    reserve = vllm_pinned_reserve_mib(args, adapters, sizing) if args.server == "vllm" else 0
+    with engine_process_environment(reserve):
+        return Server(server_command(args, port, adapters, sizing) + list(extra_flags), port, log_path), reserve
+
+
+def ready_and_warm(server: Server, args, adapters: list[str], sizing, client: LoadClient) -> float:
+    """Wait for the server, then send one unmeasured burst (base model and 64 adapters); seconds to ready."""
+    start_s = server.wait_ready(args.start_timeout)
+    log(f"{args.server} ready in {start_s:.0f}s with {len(adapters)} adapters ({sizing})")
+    warm = [completion_body(m, p, 4) for m, p in
+            zip([base_model_name(args), *adapters[:64]], random_prompts(65, 32, seed=1))]
+    log("warm-up:", summarize(client.burst(server.url, warm), 4))
+    return start_s
+
+
+def run_settings(args, adapters: list[str], sizing) -> dict:
+    """The settings every result file records."""
+    return {"registry_adapters": len(adapters), "max_loras": sizing.max_loras,
+            "max_cpu_loras": sizing.max_cpu_loras, "max_lora_rank": sizing.max_lora_rank,
+            "requests_per_case": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
+            "zipf_exponent": ZIPF_EXPONENT, "client_processes": args.client_processes,
+            "vllm_environment": {k: v for k, v in sorted(os.environ.items())
+                                 if k.startswith(("VLLM_TUNED", "VLLM_LORA"))}}
+
+
+def bench_pair(args) -> dict:
+    """Both servers on one GPU, each case sent `repeats` times to each in alternating order (module docstring)."""
+    adapters, sizing = registry_sizing(args)
     servers, bases, ready_s, reserves, cases, extra = {}, {}, {}, {}, [], {}
     client = LoadClient(args.client_processes)
     try:
         for name in ("loraplex", "vllm"):  # one after the other: each engine sizes its memory alone
-            each = argparse.Namespace(**{**vars(args), "server": name})
-            if name == "vllm":
-                same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
-            port = free_port()
-            reserves[name] = vllm_pinned_reserve_mib(each, adapters, sizing) if name == "vllm" else 0
+            each = for_server(args, name)
             log_path = args.server_log.with_name(f"{args.server_log.stem}-{name}{args.server_log.suffix}")
-            with engine_process_environment(reserves[name]):
-                servers[name] = Server(server_command(each, port, adapters, sizing), port, log_path)
-            ready_s[name] = round(servers[name].wait_ready(args.start_timeout), 1)
+            servers[name], reserves[name] = start_server(each, adapters, sizing, log_path)
+            ready_s[name] = round(ready_and_warm(servers[name], each, adapters, sizing, client), 1)
             bases[name] = base_model_name(each)
-            log(f"{name} ready in {ready_s[name]:.0f}s with {len(adapters)} adapters ({sizing})")
-            warm = [completion_body(m, p, 4) for m, p in
-                    zip([bases[name], *adapters[:64]], random_prompts(65, 32, seed=1))]
-            log("warm-up:", summarize(client.burst(servers[name].url, warm), 4))
         specs = args.cases.split(",")
         try:
             for index, spec in enumerate(specs):
@@ -632,51 +663,26 @@ def bench_pair(args) -> dict:
     extra["pairs"] = pair_summary(cases)
     log("pairs:", json.dumps(extra["pairs"]))
     settings = {"server": "pair", "label": "loraplex and vLLM's server on one GPU, bursts alternating",
-                "server_ready_s": ready_s, "repeats": args.repeats, "registry_adapters": len(adapters),
-                "max_loras": sizing.max_loras, "max_cpu_loras": sizing.max_cpu_loras,
-                "max_lora_rank": sizing.max_lora_rank, "requests_per_case": args.requests,
-                "prompt_len": args.prompt_len, "output_len": args.output_len, "zipf_exponent": ZIPF_EXPONENT,
-                "client_processes": args.client_processes,
-                "commands": {name: " ".join(server_command(argparse.Namespace(**{**vars(args), "server": name}), 0,
-                                                           adapters[:2], sizing)) + " ..." for name in servers},
-                "vllm_environment": {k: v for k, v in sorted(os.environ.items())
-                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))},
+                "server_ready_s": ready_s, "repeats": args.repeats, **run_settings(args, adapters, sizing),
+                "commands": {name: " ".join(server_command(for_server(args, name), 0, adapters[:2], sizing)) + " ..."
+                             for name in servers},
                 "vllm_server_pinned_reserve_mib": reserves.get("vllm", 0)}
     return result_document("serve", cases, settings=settings, **extra)
 
 
 def bench(args) -> dict:
-    from loraplex.registry import list_adapters
-    from loraplex.serve.adapters import size_loras
-
-    found, _ = list_adapters(Path(args.registry))
-    adapters = sorted(a.name for a in found)
-    sizing = size_loras([a.rank for a in found], max_loras=args.max_loras)
+    adapters, sizing = registry_sizing(args)
     base = base_model_name(args)
-    if args.server == "vllm":
-        same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
-    from loraplex.server_process import free_port
-
-    port = free_port()
-    command = server_command(args, port, adapters, sizing)
     profile_dir = None
     if args.profile_cases:
         profile_dir = args.profile_dir or args.out.parent / f"{args.out.stem}-profiles"
         profile_dir.mkdir(parents=True, exist_ok=True)
-        command += profiler_flags(profile_dir)
-    from loraplex.serve.pinned_memory import engine_process_environment
-
-    reserve = vllm_pinned_reserve_mib(args, adapters, sizing) if args.server == "vllm" else 0
-    with engine_process_environment(reserve):
-        server = Server(command, port, args.server_log)
+    server, reserve = start_server(args, adapters, sizing, args.server_log,
+                                   profiler_flags(profile_dir) if profile_dir else [])
     client = LoadClient(args.client_processes)
     cases, extra = [], {}
     try:
-        start_s = server.wait_ready(args.start_timeout)
-        log(f"{args.server} ready in {start_s:.0f}s with {len(adapters)} adapters ({sizing})")
-        warm = [completion_body(m, p, 4) for m, p in zip([base, *adapters[:64]], random_prompts(65, 32, seed=1))]
-        warm_stats = summarize(client.burst(server.url, warm), 4)
-        log("warm-up:", warm_stats)
+        start_s = ready_and_warm(server, args, adapters, sizing, client)
         try:
             specs = args.cases.split(",")
             for index, spec in enumerate(specs):
@@ -710,13 +716,8 @@ def bench(args) -> dict:
             if (Path(args.registry) / name).exists():
                 os.rename(Path(args.registry) / name, Path(args.new_dir) / name)
     settings = {"server": args.server, "label": args.label, "server_ready_s": round(start_s, 1),
-                "registry_adapters": len(adapters), "max_loras": sizing.max_loras,
-                "max_cpu_loras": sizing.max_cpu_loras, "max_lora_rank": sizing.max_lora_rank,
-                "requests_per_case": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                "zipf_exponent": ZIPF_EXPONENT, "client_processes": args.client_processes,
+                **run_settings(args, adapters, sizing),
                 "command": " ".join(server_command(args, 0, adapters[:2], sizing)) + " ...",
-                "vllm_environment": {k: v for k, v in sorted(os.environ.items())
-                                     if k.startswith(("VLLM_TUNED", "VLLM_LORA"))},
                 "vllm_server_pinned_reserve_mib": reserve}
     return result_document("serve", cases, settings=settings, **extra)
 
