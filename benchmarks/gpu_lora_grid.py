@@ -2,11 +2,10 @@
 
 For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv, o, gate_up, down), each batch size
 and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
-compact one, the compact one reading a tile map, that one with each slice of a layer handled as a layer of one),
-each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
-shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
-largest difference from vLLM's grid's output with the server's configs (every variant must compute the same
-numbers). Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
+compact one, the compact one reading a tile map), each timed in a CUDA graph as the server runs them, with the
+tile configs `loraplex serve` uses on this GPU (the shipped tuned folder where it covers the GPU, else vLLM's
+defaults) and with any --config laid over them, and the largest difference from vLLM's grid's output with the
+server's configs (every variant must compute the same numbers). Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
 
     python benchmarks/gpu_lora_grid.py --out benchmarks/results/gpu-lora-grid.json
     python benchmarks/gpu_lora_grid.py --slots 256 --batches 512 --actives 32,256 \\
@@ -29,12 +28,10 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
 # The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run: the prefix
-# sum in every block or the tile map whatever the slot count, and the expand's layers of several slices handled
-# slice by slice as layers of one.
+# sum in every block or the tile map whatever the slot count.
 GRIDS = {"vllm": None,
-         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "SLICES_AS_ONE": False},
-         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "SLICES_AS_ONE": False},
-         "compact_map_one_slice": {"TILE_MAP_FROM_ENTRIES": 0, "SLICES_AS_ONE": True}}
+         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9},
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0}}
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:

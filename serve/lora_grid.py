@@ -141,7 +141,7 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                           GROUP_SIZE_M: tl.constexpr, SLICE_NUM: tl.constexpr, USE_GDC: tl.constexpr,
                           launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr, tile_map,
-                          TILE_MAP: tl.constexpr, SLICE_AS_ONE: tl.constexpr):
+                          TILE_MAP: tl.constexpr):
     # axis 0 = (tile, output block, K split), K split fastest; GROUP_SIZE_M (vLLM's M-swizzle) has nothing to
     # group here: a rank-sized output is one or two blocks wide
     cta_n_num = tl.cdiv(N, BLOCK_N)
@@ -156,17 +156,10 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
         return
     lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
                                         token_indices_sorted_by_lora_ids, BLOCK_M)
-    if SLICE_AS_ONE and SLICE_NUM > 1:  # as in compact_expand_kernel; the slices' strides are kernel arguments
-        slice_lora = tl.multiple_of(tl.load(lora_ptr + slice_id), 16).to(tl.pointer_type(input_ptr.dtype.element_ty))
-        do_shrink_kernel(pid_n, pid_sk, 0, lora_id, input_ptr, slice_lora, out_ptr + slice_id * output_d0_stride, N,
-                         K, cta_m_len, ram, input_d0_stride, input_d1_stride, lora_d0_stride, lora_d1_stride,
-                         lora_d2_stride, output_d0_stride, output_d1_stride, output_d2_stride, scaling, BLOCK_M,
-                         BLOCK_N, BLOCK_K, EVEN_K, SPLIT_K, 1, USE_GDC)
-    else:
-        do_shrink_kernel(pid_n, pid_sk, slice_id, lora_id, input_ptr, lora_ptr, out_ptr, N, K, cta_m_len, ram,
-                         input_d0_stride, input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride,
-                         output_d0_stride, output_d1_stride, output_d2_stride, scaling, BLOCK_M, BLOCK_N, BLOCK_K,
-                         EVEN_K, SPLIT_K, SLICE_NUM, USE_GDC)
+    do_shrink_kernel(pid_n, pid_sk, slice_id, lora_id, input_ptr, lora_ptr, out_ptr, N, K, cta_m_len, ram,
+                     input_d0_stride, input_d1_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride,
+                     output_d0_stride, output_d1_stride, output_d2_stride, scaling, BLOCK_M, BLOCK_N, BLOCK_K,
+                     EVEN_K, SPLIT_K, SLICE_NUM, USE_GDC)
 
 
 @triton.jit(do_not_specialize=[*EXPAND_UNSPECIALISED, "NUM_ENTRIES", "TILES"])
@@ -177,7 +170,7 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_INPUTS: tl.constexpr,
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
-                          TILES, tile_map, TILE_MAP: tl.constexpr, SLICE_AS_ONE: tl.constexpr):
+                          TILES, tile_map, TILE_MAP: tl.constexpr):
     # axis 0 = (tile, output block), tile fastest as in vLLM: neighbouring blocks read the same LoRA B columns
     pid = tl.program_id(axis=0)
     tile = pid % TILES
@@ -192,22 +185,10 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
         return
     lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
                                         token_indices_sorted_by_lora_ids, BLOCK_M)
-    if SLICE_AS_ONE and SLICE_NUM > 1:
-        # This block's slice handed to vLLM's code as a layer of one slice, whose weights it reads with what
-        # Triton knows of a kernel argument: the slice's B weights 16-byte aligned (each is its own allocation) and
-        # laid out (adapters, N, K) contiguously (vLLM asserts that), so rows of K elements with stride K. From a
-        # pointer table and strides loaded at run time it knows neither, and reads element by element.
-        slice_lora = tl.multiple_of(tl.load(lora_ptr + slice_id), 16).to(tl.pointer_type(out_ptr.dtype.element_ty))
-        slice_d0 = ls_d0_ptr if SAME_STRIDE else tl.load(ls_d0_ptr + slice_id)
-        do_expand_kernel(pid_n, lora_id, 0, input_ptr + slice_id * input_d0_stride, slice_lora, out_ptr, curr_N, K,
-                         cta_m_len, ram, tl.load(slice_start_loc + slice_id), input_d0_stride, input_d1_stride,
-                         input_d2_stride, slice_d0, K, 1, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N,
-                         BLOCK_K, True, 1, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
-    else:
-        do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
-                         slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
-                         ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
-                         SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
+    do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
+                     slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
+                     ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
+                     SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
 
 
 def compact_pays(token_blocks: int, adapters: int) -> bool:
@@ -230,11 +211,6 @@ def unspecialised(kernel, names: tuple[str, ...]):
 # and is paid once per block, and a decode step over ~220 adapters in 256 slots launches ~50,000 blocks per
 # expand kernel (BENCHMARKS.md, tenth session).
 TILE_MAP_FROM_ENTRIES = 65
-# Whether the kernels of a layer of several slices (qkv, gate_up) run each block's slice as vLLM runs a layer of
-# one (see compact_expand_kernel). Off until measured on a GPU (benchmarks/gpu_lora_grid.py, grid
-# compact_map_one_slice): on an H200 a 256-adapter decode batch's two-slice gate_up expand took 343 us against
-# 21 us for the one-slice o expand, 16x the time for 7x the columns (BENCHMARKS.md, tenth session).
-SLICES_AS_ONE = False
 
 
 class CompactLaunch:
@@ -259,7 +235,7 @@ class CompactLaunch:
         tiles = token_blocks + adapters
         blocks = tiles * triton.cdiv(named["N"], named["BLOCK_N"])
         extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries),
-                 "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES, "SLICE_AS_ONE": SLICES_AS_ONE}
+                 "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES}
         if self.op == "shrink":
             blocks *= named["SPLIT_K"]
         else:

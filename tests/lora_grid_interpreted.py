@@ -5,8 +5,7 @@ kernel is defined and vLLM's CPU build hides Triton from its own modules.
 - tiles: for batches of adapter token counts, which (adapter entry, token block) every compact tile maps to;
   tile_maps: the same from the tile map that launches with many slots write first.
 - expand: vLLM's own expand launcher (its kernel parameters are the ones the compact grid knows) run with vLLM's
-  kernel and with the compact launch (with and without the tile map and one-slice handling), against a plain
-  torch computation.
+  kernel and with the compact launch (with and without the tile map), against a plain torch computation.
 """
 
 import json
@@ -59,7 +58,7 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
                 with_base_tokens: bool, **settings) -> dict:
-    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, SLICES_AS_ONE)."""
+    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -85,8 +84,7 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
         def grid(self, vllm_grid, named):
             compact = super().grid(vllm_grid, named)
             launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
-                             "tile_map": bool(compact and compact[1]["TILE_MAP"]),
-                             "slice_as_one": bool(compact and compact[1]["SLICE_AS_ONE"])})
+                             "tile_map": bool(compact and compact[1]["TILE_MAP"])})
             return compact
 
     kept_settings = {name: getattr(lora_grid, name) for name in settings}
@@ -142,11 +140,7 @@ def main() -> None:
                       expand_case(2, 300, 8, (64, 64), False, False),
                       expand_case(3, 130, 4, (96,), True, False),
                       expand_case(4, 200, 4, (48, 16, 16), True, True, TILE_MAP_FROM_ENTRIES=0),
-                      expand_case(5, 300, 8, (64, 64), False, False, TILE_MAP_FROM_ENTRIES=0),
-                      # slices of other widths (qkv-like: strides from a table) and of one width (gate_up-like)
-                      expand_case(6, 200, 4, (48, 16, 16), True, True, SLICES_AS_ONE=True),
-                      expand_case(7, 300, 8, (64, 64), True, False, SLICES_AS_ONE=True,
-                                  TILE_MAP_FROM_ENTRIES=0)]
+                      expand_case(5, 300, 8, (64, 64), False, False, TILE_MAP_FROM_ENTRIES=0)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

@@ -287,8 +287,8 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             return 10.0 if config["block_m"] == 64 else 5.0
 
     monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
-    for name in ("TILE_MAP_FROM_ENTRIES", "SLICES_AS_ONE"):  # the run sets them; put them back after
-        monkeypatch.setattr(lora_grid, name, getattr(lora_grid, name))
+    # the run sets it; put it back after
+    monkeypatch.setattr(lora_grid, "TILE_MAP_FROM_ENTRIES", lora_grid.TILE_MAP_FROM_ENTRIES)
     gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
                         "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
                         "--out", str(tmp_path / "grid.json")])

@@ -46,11 +46,9 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 6, "the cases meant for the compact grid did not use it"
-    # each setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) and
-    # the one-slice handling of layers of several slices
-    launched = [(c["launches"][0]["tile_map"], c["launches"][0]["slice_as_one"]) for c in compact]
-    assert launched == [(False, False), (False, False), (True, False), (True, False), (False, True), (True, True)]
+    assert len(compact) == 4, "the cases meant for the compact grid did not use it"
+    # the setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced)
+    assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
@@ -94,7 +92,7 @@ def test_launch_passes_vllms_arguments_with_a_compact_grid():
     assert passed == args
     tile_map = options.pop("tile_map")
     assert options == {"num_warps": 4, "launch_pdl": False, "NUM_ENTRIES": 17, "ENTRIES_P2": 32,
-                       "TILE_MAP": False, "SLICE_AS_ONE": lora_grid.SLICES_AS_ONE}
+                       "TILE_MAP": False}
     assert tile_map is args[lora_grid.SHRINK_PARAMS.index("lora_ids")]  # 17 entries: no map, a stand-in
     assert not vllm_kernel.launches
 
