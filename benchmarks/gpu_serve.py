@@ -581,10 +581,14 @@ def pair_summary(cases: list[dict]) -> dict:
 def registry_sizing(args) -> tuple[list[str], object]:
     """The registry's adapter names and the LoRA sizing loraplex gives it (both servers get the same)."""
     from loraplex.registry import list_adapters
-    from loraplex.serve.adapters import size_loras
+    from loraplex.serve import engine
+    from loraplex.serve.adapters import base_module_shapes, size_loras
 
     found, _ = list_adapters(Path(args.registry))
-    return sorted(a.name for a in found), size_loras([a.rank for a in found], max_loras=args.max_loras)
+    room = None if args.max_loras else engine.slot_room("auto", base_module_shapes(Path(args.model_dir)),
+                                                         cpu=engine.on_cpu())
+    return sorted(a.name for a in found), size_loras([a.rank for a in found], max_loras=args.max_loras,
+                                                     slot_room=room)
 
 
 def for_server(args, name: str) -> argparse.Namespace:

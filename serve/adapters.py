@@ -66,16 +66,52 @@ class LoraSizing:
     max_lora_rank: int
 
 
+CPU_MOST_LORAS = 16  # the default slot count's ceiling on CPU, and its floor on a GPU
+GPU_MOST_LORAS = 256  # the most slots measured on a GPU (BENCHMARKS.md, tenth and eleventh sessions)
+GPU_SLOT_SHARE = 0.2  # of one GPU's memory that default slots may take (256 slots of an 8B's rank-16 adapters: 15%)
+
+
+@dataclass(frozen=True)
+class SlotRoom:
+    """What bounds the default slot count on a GPU: its memory, and one slot's LoRA weights per unit of rank (vLLM
+    gives every slot A and B matrices at max_lora_rank for every linear layer, whatever the adapters target)."""
+    gpu_bytes: int
+    slot_bytes_per_rank: int
+
+    def most_loras(self, rank: int) -> int:
+        fit = int(self.gpu_bytes * GPU_SLOT_SHARE) // max(self.slot_bytes_per_rank * rank, 1)
+        return max(CPU_MOST_LORAS, min(GPU_MOST_LORAS, fit))
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one element of the model's dtype, which vLLM casts adapters to ("auto": bf16 or fp16)."""
+    return 4 if dtype in ("float32", "float") else 2
+
+
+def slot_bytes_per_rank(base_modules: dict[str, tuple[int, int] | None], element_bytes: int) -> int:
+    """One LoRA slot's bytes per unit of rank: (in + out features) of every linear layer vLLM gives LoRA weights
+    (embeddings and the LM head only when an adapter targets them, which the registry refuses)."""
+    from loraplex.registry import UNSERVABLE_TARGETS
+
+    return element_bytes * sum(sum(shape) for module, shape in base_modules.items()
+                               if shape is not None and module.rpartition(".")[2] not in UNSERVABLE_TARGETS)
+
+
 def size_loras(ranks: list[int], *, max_loras: int | None = None, max_cpu_loras: int | None = None,
-               max_lora_rank: int | None = None, supported: tuple[int, ...] = DEFAULT_LORA_RANKS) -> LoraSizing:
+               max_lora_rank: int | None = None, supported: tuple[int, ...] = DEFAULT_LORA_RANKS,
+               slot_room: SlotRoom | None = None) -> LoraSizing:
     """Engine LoRA settings from the registry's adapters, unless given.
 
     vLLM's default of one adapter per batch makes mixed traffic run one adapter at a time; here every adapter
-    in the registry (at least 4, at most 16) gets a batch slot, and host memory keeps every adapter plus room
-    for hot-loaded ones and replaced versions still finishing their requests."""
-    loras = max_loras or min(max(len(ranks), 4), 16)
-    cpu_loras = max_cpu_loras or max(2 * loras, len(ranks) + loras)
+    in the registry gets a batch slot: at least 4, at most 16 on CPU (slot_room None), on a GPU (slot_room) at
+    most 256 and what fits in a fifth of its memory, though never fewer than 16. On an H200 one slot for each of
+    256 adapters ran 256-adapter traffic at 0.71-0.79 of the base model's tokens/s, against 0.26-0.48 over 16
+    slots, with 32 adapters as fast as over 16 slots (BENCHMARKS.md, eleventh session). Host memory keeps every
+    adapter plus room (up to 16) for hot-loaded ones and replaced versions still finishing their requests."""
     rank = round_up_rank(max_lora_rank or max([16, *ranks]), supported)
+    most = slot_room.most_loras(rank) if slot_room else CPU_MOST_LORAS
+    loras = max_loras or min(max(len(ranks), 4), most)
+    cpu_loras = max_cpu_loras or max(len(ranks), loras) + min(loras, CPU_MOST_LORAS)
     return LoraSizing(max_loras=loras, max_cpu_loras=max(cpu_loras, loras), max_lora_rank=rank)
 
 

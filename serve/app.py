@@ -396,10 +396,11 @@ async def run(config: ServeConfig) -> None:
 
     aliases = load_aliases(config.aliases_file)
     found, _ = list_adapters(config.adapters_dir, config.allowed_adapter_roots)
-    loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
-                       max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks())
-    tokenizer = eng.load_tokenizer(config)
     base_modules = base_module_shapes(config.model_path)
+    loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
+                       max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks(),
+                       slot_room=eng.slot_room(config.dtype, base_modules, cpu=eng.on_cpu()))
+    tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras, adapter_dirs=[a.path for a in found], base_modules=base_modules)
     scanner = watchdog = None
     watchers: list[asyncio.Task] = []

@@ -24,6 +24,23 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def slot_room(dtype: str, base_modules: dict, *, cpu: bool):
+    """What bounds the default LoRA slot count (serve/adapters.py, size_loras): None on CPU; on a GPU its memory,
+    read through NVML as vLLM's platform does (no CUDA context in this process), and the base model's shapes."""
+    from loraplex.serve.adapters import CPU_MOST_LORAS, SlotRoom, dtype_bytes, slot_bytes_per_rank
+
+    if cpu:
+        return None
+    try:
+        from vllm.platforms import current_platform
+
+        gpu_bytes = int(current_platform.get_device_total_memory())
+    except Exception as e:  # an unusual platform: the CPU's ceiling then
+        log.warning("could not read the GPU's memory (%s); at most %d LoRA slots by default", e, CPU_MOST_LORAS)
+        return None
+    return SlotRoom(gpu_bytes=gpu_bytes, slot_bytes_per_rank=slot_bytes_per_rank(base_modules, dtype_bytes(dtype)))
+
+
 def specialize_active_lora(config: ServeConfig, *, cpu: bool, supported: bool) -> bool | None:
     """Whether vLLM sizes its LoRA kernel grids and CUDA graphs by the adapters a batch uses (None: vLLM's default).
 

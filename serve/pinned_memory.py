@@ -132,7 +132,9 @@ def engine_process_environment(mib: int):
 def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bool) -> tuple[int, str]:
     """(MiB, why) of the reserve for this server's engine: `reserve_mib` with what it needs read from the
     registry's adapter headers and the base model's (only where a reserve is sized here)."""
-    element_bytes = 4 if config.dtype in ("float32", "float") else 2  # vLLM casts adapters to the model's dtype
+    from loraplex.serve.adapters import dtype_bytes
+
+    element_bytes = dtype_bytes(config.dtype)
     wanted = not cpu and config.pinned_reserve_gb != 0
     sized_here = wanted and config.pinned_reserve_gb is None
     return reserve_mib(

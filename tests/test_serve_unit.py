@@ -124,6 +124,54 @@ def test_lora_sizing_from_registry():
     assert size_loras([8], max_loras=2, max_cpu_loras=3, max_lora_rank=24) == LoraSizing(2, 3, 32)
 
 
+def _llama_8b_modules() -> dict:
+    """The linear layers of a Llama-3-8B checkpoint, as base_module_shapes reads them: (out, in)."""
+    layer = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
+             "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (14336, 4096), "mlp.up_proj": (14336, 4096),
+             "mlp.down_proj": (4096, 14336), "input_layernorm": None}
+    modules = {f"model.layers.{i}.{name}": shape for i in range(32) for name, shape in layer.items()}
+    return {**modules, "model.embed_tokens": (128256, 4096), "lm_head": (128256, 4096)}
+
+
+def test_gpu_sizing_gives_each_adapter_a_slot_within_a_share_of_the_gpu():
+    from loraplex.serve.adapters import GPU_MOST_LORAS, SlotRoom, dtype_bytes, slot_bytes_per_rank
+
+    per_rank = slot_bytes_per_rank(_llama_8b_modules(), dtype_bytes("bfloat16"))
+    assert per_rank * 16 == 83_886_080  # 84 MB a rank-16 slot; the embeddings and LM head get none
+    assert dtype_bytes("auto") == 2 and dtype_bytes("float32") == 4
+    h200 = SlotRoom(gpu_bytes=143_771 << 20, slot_bytes_per_rank=per_rank)
+    sizing = size_loras([16] * 256, slot_room=h200)
+    assert sizing == LoraSizing(max_loras=256, max_cpu_loras=272, max_lora_rank=16)
+    assert size_loras([16] * 1000, slot_room=h200).max_loras == GPU_MOST_LORAS
+    assert size_loras([16] * 40, slot_room=h200).max_loras == 40  # one slot each
+    assert size_loras([16] * 3, slot_room=h200).max_loras == 4
+    # a smaller GPU: what a fifth of 24 GiB holds at rank 16, and fewer at rank 64; never fewer than 16
+    small = SlotRoom(gpu_bytes=24 << 30, slot_bytes_per_rank=per_rank)
+    assert size_loras([16] * 256, slot_room=small).max_loras == int(0.2 * (24 << 30)) // (per_rank * 16) == 61
+    assert size_loras([64] * 256, slot_room=small).max_loras == 16
+    # flags win, and the CPU keeps its ceiling of 16
+    assert size_loras([16] * 256, slot_room=h200, max_loras=8).max_loras == 8
+    assert size_loras([16] * 256) == LoraSizing(max_loras=16, max_cpu_loras=272, max_lora_rank=16)
+
+
+def test_slot_room_reads_the_gpu_through_vllms_platform(monkeypatch):
+    from vllm.platforms import current_platform
+
+    from loraplex.serve import engine
+
+    modules = {"layers.0.proj": (8, 4)}
+    assert engine.slot_room("auto", modules, cpu=True) is None
+    monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: 80 << 30, raising=False)
+    room = engine.slot_room("float32", modules, cpu=False)
+    assert (room.gpu_bytes, room.slot_bytes_per_rank) == (80 << 30, 48)
+
+    def unknown(device_id=0):
+        raise NotImplementedError
+
+    monkeypatch.setattr(current_platform, "get_device_total_memory", unknown, raising=False)
+    assert engine.slot_room("auto", modules, cpu=False) is None  # the CPU's ceiling, with a warning
+
+
 def _config(tmp_path, **kw) -> ServeConfig:
     return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
 
