@@ -7,7 +7,8 @@
 #   prepare         make the random 8B model and 256 + 8 adapters (the tokenizer is added once unpacked)
 #   serve-baseline  prepare, then `loraplex serve` with its own sizing, then first requests to new adapters
 #   serve-compare   vLLM's OpenAI server with the same LoRA settings, then loraplex with one slot per adapter
-#   serve-slots     loraplex with --max-loras ${SLOTS:-256} and the server flags in $SERVER_ARGS, alone ($RUN_TAG
+#   serve-slots     loraplex with --max-loras ${SLOTS:-256} (SLOTS=registry: its own sizing for the registry on this
+#                   GPU) and the server flags in $SERVER_ARGS, alone ($RUN_TAG
 #                   names the run when only environment variables differ, e.g. VLLM_TUNED_CONFIG_FOLDER; COLD=1
 #                   also times first requests to new adapters)
 #   serve-vllm      vLLM's OpenAI server alone, with loraplex's LoRA sizing and kernel configs for this registry
@@ -126,10 +127,12 @@ step_serve_slots() {  # loraplex alone, with --max-loras $SLOTS and $SERVER_ARGS
   setup || return 1
   stop_leftover_servers
   step_prepare || return 1  # quick once done; adds the tokenizer to a model made before the parts were unpacked
-  local slots=${SLOTS:-256} flags=(${SERVER_ARGS:-}) tag
+  local slots=${SLOTS:-256} flags=(${SERVER_ARGS:-}) tag sizing
+  sizing=(--max-loras "$slots")
+  [ "$slots" = registry ] && sizing=()  # loraplex's own sizing for the registry on this GPU
   tag=$(echo "maxloras$slots${SERVER_ARGS:-}${RUN_TAG:+-$RUN_TAG}" | tr -c 'a-zA-Z0-9\n' '-' | tr -s '-')
   say "loraplex serve --max-loras $slots ${SERVER_ARGS:-} ${RUN_TAG:-}"
-  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex --max-loras "$slots" \
+  timeout "$(left)" python3 benchmarks/gpu_serve.py bench --server loraplex "${sizing[@]}" \
     "${flags[@]/#/--server-arg=}" --label "loraplex --max-loras $slots${SERVER_ARGS:+ $SERVER_ARGS}${RUN_TAG:+ ($RUN_TAG)}" \
     --cases "${CASES:-$FEWER_CASES}" --model-dir "$MODEL" --registry "$REG" --new-dir "$NEW" \
     --server-log "$OUT/server-$tag.log" --out "$OUT/serve-loraplex-$tag.json" ${COLD:+--cold} $BENCH_ARGS

@@ -473,6 +473,9 @@ def _one_stream(url: str, model: str, prompt: list[int], output_len: int) -> dic
     return asyncio.run(_send_all(url, [completion_body(model, prompt, output_len)], time.time()))[0]
 
 
+COLD_NEW_ADAPTERS = 7  # the cold test publishes 3 loaded by a request, 3 by the registry scan, 1 under load
+
+
 def cold_adapter_test(args, server: Server, client: LoadClient, base: str, new_names: list[str]) -> dict:
     """First requests to adapters published into the registry while the server runs."""
     import httpx
@@ -790,6 +793,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--profile-cases needs vLLM's server (loraplex does not expose vLLM's profiler)")
         if args.cold and args.server != "loraplex":
             parser.error("--cold publishes into loraplex's registry; vLLM's server does not watch it")
+        if args.cold and args.new_adapters < COLD_NEW_ADAPTERS:
+            parser.error(f"--cold publishes {COLD_NEW_ADAPTERS} new adapters, --new-adapters is "
+                         f"{args.new_adapters}: prepare at least {COLD_NEW_ADAPTERS} (prepare --new-adapters)")
     return args
 
 

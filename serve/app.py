@@ -397,11 +397,13 @@ async def run(config: ServeConfig) -> None:
     aliases = load_aliases(config.aliases_file)
     found, _ = list_adapters(config.adapters_dir, config.allowed_adapter_roots)
     base_modules = base_module_shapes(config.model_path)
+    cpu = eng.on_cpu()
     loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                        max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks(),
-                       slot_room=eng.slot_room(config.dtype, base_modules, cpu=eng.on_cpu()))
+                       slot_room=eng.slot_room(config.dtype, base_modules, cpu=cpu))
     tokenizer = eng.load_tokenizer(config)
-    engine = eng.build_engine(config, loras, adapter_dirs=[a.path for a in found], base_modules=base_modules)
+    engine = eng.build_engine(config, loras, cpu=cpu, adapter_dirs=[a.path for a in found],
+                              base_modules=base_modules)
     scanner = watchdog = None
     watchers: list[asyncio.Task] = []
     engine_died = asyncio.Event()  # while serving, not because it was asked to stop
@@ -411,7 +413,7 @@ async def run(config: ServeConfig) -> None:
         metrics = Metrics()
         serving = Serving(config, engine, tokenizer, adapters, aliases, metrics)
         await adapters.scan()
-        if eng.warmup_wanted(config, cpu=eng.on_cpu()):
+        if eng.warmup_wanted(config, cpu=cpu):
             from loraplex.serve.warmup import warm_up
 
             await warm_up(engine, adapters, loras.max_loras)

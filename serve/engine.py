@@ -135,8 +135,9 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
     return folder
 
 
-def build_engine(config: ServeConfig, loras: LoraSizing, *, adapter_dirs=(), base_modules=None):
+def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_dirs=(), base_modules=None):
     """Start the engine (its core runs in a child process). Must be called inside the server's event loop.
+    cpu: whether vLLM runs on CPU here (on_cpu()).
     adapter_dirs, base_modules: the registry's adapters and the base model's linear shapes, which size the pinned
     host memory reserved for adapter loads (serve/pinned_memory.py)."""
     from vllm.usage.usage_lib import UsageContext
@@ -144,7 +145,6 @@ def build_engine(config: ServeConfig, loras: LoraSizing, *, adapter_dirs=(), bas
 
     from loraplex.serve import pinned_memory
 
-    cpu = on_cpu()
     reserve_mib, why = pinned_memory.plan(config, loras, list(adapter_dirs), base_modules or {}, cpu=cpu)
     use_lora_kernel_configs(config, loras, cpu=cpu)
     args = engine_args_from(config, loras, cpu=cpu)

@@ -31,6 +31,10 @@ def test_serve_arguments():
         with pytest.raises(SystemExit):
             gpu_serve.parse_args(["bench", "--server", "vllm", "--model-dir", "m", "--registry", "r",
                                   "--new-dir", "n", "--out", "o", *bad])
+    loraplex = ["bench", "--server", "loraplex", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--out", "o"]
+    assert gpu_serve.parse_args([*loraplex, "--cold"]).cold
+    with pytest.raises(SystemExit, match="2"):  # the cold test publishes 7 new adapters: say so, up front
+        gpu_serve.parse_args([*loraplex, "--cold", "--new-adapters", "3"])
 
 
 def test_same_case_gets_the_same_requests_on_every_server():

@@ -470,7 +470,8 @@ def test_engine_gets_the_openai_server_batch_defaults(base_model_dir, monkeypatc
 
     seen = {}
     monkeypatch.setattr(AsyncLLM, "from_engine_args", classmethod(lambda cls, args, **kw: seen.update(kw)))
-    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=8))
+    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=8),
+                     cpu=eng.on_cpu())
     assert seen["usage_context"] == UsageContext.OPENAI_API_SERVER
 
 
@@ -488,12 +489,11 @@ def test_engine_process_gets_the_pinned_reserve_and_this_process_keeps_its_envir
               str(adapter / "adapter_model.safetensors"))
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    monkeypatch.setattr(eng, "on_cpu", lambda: False)  # as on a GPU machine
     seen = {}
     monkeypatch.setattr(AsyncLLM, "from_engine_args",
                         classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"])))
     eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
-                     adapter_dirs=[adapter], base_modules={})
+                     cpu=False, adapter_dirs=[adapter], base_modules={})  # as on a GPU machine
     # 4 adapters x (16 x 14,336 and 4,096 x 16 bf16, each rounded up to a power of 2: 512 KiB + 128 KiB) + margin
     assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:514"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
