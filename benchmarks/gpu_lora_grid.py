@@ -2,10 +2,11 @@
 
 For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv, o, gate_up, down), each batch size
 and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
-compact one, the compact one reading a tile map), each timed in a CUDA graph as the server runs them, with the
-tile configs `loraplex serve` uses on this GPU (the shipped tuned folder where it covers the GPU, else vLLM's
-defaults) and with any --config laid over them, and the largest difference from vLLM's grid's output with the
-server's configs (every variant must compute the same numbers). Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
+compact one, the compact one reading a tile map, that one with an expand variant from lora_kernel_experiments.py),
+each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
+shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
+largest difference from vLLM's grid's output with the server's configs (every variant must compute the same numbers).
+Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
 
     python benchmarks/gpu_lora_grid.py --out benchmarks/results/gpu-lora-grid.json
     python benchmarks/gpu_lora_grid.py --slots 256 --batches 512 --actives 32,256 \\
@@ -27,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
-# The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run: the prefix
-# sum in every block or the tile map whatever the slot count.
+# The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run (the prefix
+# sum in every block or the tile map whatever the slot count) and an expand kernel variant, if any.
 GRIDS = {"vllm": None,
          "compact": {"TILE_MAP_FROM_ENTRIES": 10**9},
-         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0}}
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0},
+         "compact_map_aligned": {"TILE_MAP_FROM_ENTRIES": 0, "expand_kernel": "aligned"}}
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
@@ -41,6 +43,8 @@ def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
 
 def bench(args) -> dict:
     import torch
+
+    import lora_kernel_experiments
 
     from loraplex.serve import lora_grid
     from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _default_config, _KernelBench,
@@ -79,9 +83,14 @@ def bench(args) -> dict:
                                 if GRIDS[grid] is None:
                                     lora_grid.restore()
                                 else:
+                                    lora_grid.restore()  # a variant from the grid before must not stay
                                     lora_grid.install()
-                                    for name, value in GRIDS[grid].items():
+                                    settings = dict(GRIDS[grid])
+                                    variant = settings.pop("expand_kernel", None)
+                                    for name, value in settings.items():
                                         setattr(lora_grid, name, value)
+                                    if variant and op == "expand":
+                                        lora_kernel_experiments.use_expand_kernel(variant)
                                 row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
                                        "config_name": config_name, "grid": grid, "config": config}
                                 try:
