@@ -3,8 +3,9 @@
 `prepare` builds what is measured (a random-weight model and random rank-16 adapters on every linear layer);
 `bench` starts one server with every adapter of the registry, then sends the traffic of each case as one burst
 of streaming /v1/completions requests (fixed lengths: random prompt token ids, ignore_eos and min_tokens) and
-records output tokens/s over the burst and time to first token, with the GPU's busy fraction and the engine's
-running and waiting requests sampled over the burst (`BurstSampler`). Every case's prompts are new, so no case is
+records output tokens/s over the burst and time to first token, with the GPU's busy fraction, the engine's
+running and waiting requests and the CPU the server's front end and engine core use, sampled over the burst
+(`BurstSampler`). Every case's prompts are new, so no case is
 helped by the prefix cache. Cases:
 
     base          every request to the base model (run first and last: the ratio's reference and its drift)
@@ -226,16 +227,20 @@ def engine_queue(metrics_text: str) -> dict[str, float]:
 
 class BurstSampler:
     """Samples, in a thread, the GPU's busy fraction (NVML's utilization.gpu: the share of time any kernel ran,
-    through pynvml or else nvidia-smi) every 0.25 s and the engine's running and waiting requests (/metrics)
-    every 0.5 s, until stopped; `summary` gives the means over the burst's own span (the clients start a moment
-    after the sampler). Where NVML or /metrics is missing those fields are left out."""
+    through pynvml or else nvidia-smi) every 0.25 s, and every 0.5 s the engine's running and waiting requests
+    (/metrics) and the CPU time of the server's own process (its HTTP front end) and of its children (vLLM's
+    engine core, which runs the GPU worker), until stopped; `summary` gives the means over the burst's own span
+    (the clients start a moment after the sampler). A GPU idle while the engine core uses a whole core waits for
+    the host's work per step; a front end near a whole core limits how fast tokens leave. Where NVML, /metrics
+    or the process is missing those fields are left out."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pid: int | None = None):
         import threading
 
-        self.url, self.stop_event = url, threading.Event()
+        self.url, self.pid, self.stop_event = url, pid, threading.Event()
         self.busy: list[tuple[float, float]] = []  # (time, busy fraction)
         self.queue: list[tuple[float, dict[str, float]]] = []
+        self.cpu: list[tuple[float, tuple[float, float]]] = []  # (time, (front end, children) CPU seconds)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -264,6 +269,9 @@ class BurstSampler:
                         self.queue.append((time.time(), engine_queue(http.get(self.url + "/metrics").text)))
                     except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
                         pass
+                    seconds = process_cpu_seconds(self.pid) if self.pid else None
+                    if seconds is not None:
+                        self.cpu.append((time.time(), seconds))
 
     def summary(self, records: list[dict]) -> dict:
         if not records:
@@ -279,7 +287,32 @@ class BurstSampler:
             if values:
                 out[f"{key}_mean"] = round(sum(values) / len(values), 1)
                 out[f"{key}_max"] = max(values)
+        cpu = [(t, seconds) for t, seconds in self.cpu if start <= t <= end]
+        if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]:
+            span = cpu[-1][0] - cpu[0][0]
+            out["front_end_cpu_cores"] = round((cpu[-1][1][0] - cpu[0][1][0]) / span, 2)
+            out["engine_cpu_cores"] = round((cpu[-1][1][1] - cpu[0][1][1]) / span, 2)
         return out
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user + system CPU seconds of process pid, the same summed over its descendants now alive), or None."""
+    try:
+        import psutil  # vLLM's own dependency
+    except ImportError:
+        return None
+    try:
+        server = psutil.Process(pid)
+        own = sum(server.cpu_times()[:2])
+        children = 0.0
+        for child in server.children(recursive=True):
+            try:
+                children += sum(child.cpu_times()[:2])
+            except psutil.Error:  # ended between the listing and the reading
+                pass
+        return own, children
+    except psutil.Error:
+        return None
 
 
 def gpu_busy_reader():
@@ -536,7 +569,7 @@ def cold_adapter_test(args, server: Server, client: LoadClient, base: str, new_n
 def measure_case(server: Server, client: LoadClient, name: str, spec: str, models: list[str],
                  prompts: list[list[int]], args) -> dict:
     """One case's burst on one server: its stats and what the engine and GPU did meanwhile."""
-    with BurstSampler(server.url) as sampler:
+    with BurstSampler(server.url, server.proc.pid) as sampler:
         records = client.burst(server.url, [completion_body(m, p, args.output_len) for m, p in zip(models, prompts)])
     stats = {**summarize(records, args.output_len), **sampler.summary(records)}
     count, mix = parse_case(spec)

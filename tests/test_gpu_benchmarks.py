@@ -4,6 +4,7 @@ result files of the documented schema, and make adapters that loraplex serve acc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -121,6 +122,21 @@ def test_burst_samples_count_only_the_bursts_own_span():
     assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
                                         "waiting_mean": 5.0, "waiting_max": 10.0}
     assert sampler.summary([]) == {}
+    # CPU: (front end, engine core) seconds so far; 1.6 s apart inside the burst, 0.4 and 1.6 s used
+    sampler.cpu = [(9.0, (0.0, 0.0)), (10.2, (1.0, 2.0)), (11.8, (1.4, 3.6)), (12.5, (9.0, 9.0))]
+    summary = sampler.summary(records)
+    assert (summary["front_end_cpu_cores"], summary["engine_cpu_cores"]) == (0.25, 1.0)
+
+
+def test_server_cpu_is_read_for_the_process_and_its_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        own, children = gpu_serve.process_cpu_seconds(os.getpid())  # pytest has used CPU by now
+        assert own > 0 and children >= 0
+    finally:
+        child.kill()
+        child.wait()
+    assert gpu_serve.process_cpu_seconds(2**22 + 12345) is None  # no such process
 
 
 def test_server_commands_share_lora_settings(tmp_path):
