@@ -80,10 +80,8 @@ def bench(args) -> dict:
                         for config_name, override in configs.items():
                             config = {**server, **override.get(op, {})}
                             for grid in args.grids:
-                                if GRIDS[grid] is None:
-                                    lora_grid.restore()
-                                else:
-                                    lora_grid.restore()  # a variant from the grid before must not stay
+                                lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
+                                if GRIDS[grid] is not None:
                                     lora_grid.install()
                                     settings = dict(GRIDS[grid])
                                     variant = settings.pop("expand_kernel", None)

@@ -88,13 +88,19 @@ def dtype_bytes(dtype: str) -> int:
     return 4 if dtype in ("float32", "float") else 2
 
 
-def slot_bytes_per_rank(base_modules: dict[str, tuple[int, int] | None], element_bytes: int) -> int:
-    """One LoRA slot's bytes per unit of rank: (in + out features) of every linear layer vLLM gives LoRA weights
-    (embeddings and the LM head only when an adapter targets them, which the registry refuses)."""
+def lora_linear_shapes(base_modules: dict[str, tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """(out, in) features of every linear layer of the base model that vLLM gives LoRA weights (embeddings and
+    the LM head only when an adapter targets them, which the registry refuses)."""
     from loraplex.registry import UNSERVABLE_TARGETS
 
-    return element_bytes * sum(sum(shape) for module, shape in base_modules.items()
-                               if shape is not None and module.rpartition(".")[2] not in UNSERVABLE_TARGETS)
+    return [shape for module, shape in base_modules.items()
+            if shape is not None and module.rpartition(".")[2] not in UNSERVABLE_TARGETS]
+
+
+def slot_bytes_per_rank(base_modules: dict[str, tuple[int, int] | None], element_bytes: int) -> int:
+    """One LoRA slot's bytes per unit of rank: A (rank x in) and B (out x rank) for every LoRA layer."""
+    return element_bytes * sum(out_features + in_features
+                               for out_features, in_features in lora_linear_shapes(base_modules))
 
 
 def size_loras(ranks: list[int], *, max_loras: int | None = None, max_cpu_loras: int | None = None,

@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from loraplex.registry import UNSERVABLE_TARGETS, ADAPTER_WEIGHTS
+from loraplex.registry import ADAPTER_WEIGHTS
 
 log = logging.getLogger("loraplex.serve")
 
@@ -53,11 +53,10 @@ def adapter_pinned_bytes(adapter_dir: Path, element_bytes: int) -> int | None:
 
 def all_linear_pinned_bytes(base_modules: dict[str, tuple[int, int] | None], rank: int, element_bytes: int) -> int:
     """What an adapter of this rank on every linear layer of the base model pins (for a registry still empty)."""
+    from loraplex.serve.adapters import lora_linear_shapes
+
     shapes = []
-    for module, shape in base_modules.items():
-        if shape is None or module.rpartition(".")[2] in UNSERVABLE_TARGETS:
-            continue
-        out_features, in_features = shape
+    for out_features, in_features in lora_linear_shapes(base_modules):
         shapes += [(rank, in_features), (out_features, rank)]
     return _pinned_bytes(shapes, element_bytes)
 
