@@ -129,10 +129,14 @@ def test_burst_samples_count_only_the_bursts_own_span():
 
 
 def test_server_cpu_is_read_for_the_process_and_its_children():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # a child that has used at least 0.2 s of CPU, then idles
+    work = ("import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.2: pass\n"
+            "print('done', flush=True)\ntime.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", work], stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline().strip() == "done"
         own, children = gpu_serve.process_cpu_seconds(os.getpid())  # pytest has used CPU by now
-        assert own > 0 and children >= 0
+        assert own > 0 and children >= 0.2
     finally:
         child.kill()
         child.wait()
