@@ -679,9 +679,11 @@ def bench_pair(args) -> dict:
             bases[name] = base_model_name(each)
         specs = args.cases.split(",")
         try:
-            for index, spec in enumerate(specs):
-                occurrence = specs[:index].count(spec)
-                for repeat in range(args.repeats):
+            # Rounds outermost: a run cut short still has every case, and the first round holds each server's
+            # first use of each case (a server without warm-up compiles there), which pair_summary can leave out.
+            for repeat in range(args.repeats):
+                for index, spec in enumerate(specs):
+                    occurrence = specs[:index].count(spec)
                     seed = case_seed(spec, occurrence * args.repeats + repeat)
                     prompts = random_prompts(args.requests, args.prompt_len, seed=seed + 1)
                     label = case_label(spec) + (f" (again {occurrence})" if occurrence else "")
