@@ -2,7 +2,7 @@
 
 For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv, o, gate_up, down), each batch size
 and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
-compact one, the compact one reading a tile map, that one with an expand variant from lora_kernel_experiments.py),
+compact one, the compact one reading a tile map),
 each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
 shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
 largest difference from vLLM's grid's output with the server's configs (every variant must compute the same numbers).
@@ -29,11 +29,10 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
 # The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run (the prefix
-# sum in every block or the tile map whatever the slot count) and an expand kernel variant, if any.
+# sum in every block or the tile map whatever the slot count).
 GRIDS = {"vllm": None,
          "compact": {"TILE_MAP_FROM_ENTRIES": 10**9},
-         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0},
-         "compact_map_aligned": {"TILE_MAP_FROM_ENTRIES": 0, "expand_kernel": "aligned"}}
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0}}
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
@@ -43,8 +42,6 @@ def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
 
 def bench(args) -> dict:
     import torch
-
-    import lora_kernel_experiments
 
     from loraplex.serve import lora_grid
     from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _default_config, _KernelBench,
@@ -83,12 +80,8 @@ def bench(args) -> dict:
                                 lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
                                 if GRIDS[grid] is not None:
                                     lora_grid.install()
-                                    settings = dict(GRIDS[grid])
-                                    variant = settings.pop("expand_kernel", None)
-                                    for name, value in settings.items():
+                                    for name, value in GRIDS[grid].items():
                                         setattr(lora_grid, name, value)
-                                    if variant and op == "expand":
-                                        lora_kernel_experiments.use_expand_kernel(variant)
                                 row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
                                        "config_name": config_name, "grid": grid, "config": config}
                                 try:

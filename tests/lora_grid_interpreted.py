@@ -5,8 +5,8 @@ kernel is defined and vLLM's CPU build hides Triton from its own modules.
 - tiles: for batches of adapter token counts, which (adapter entry, token block) every compact tile maps to;
   tile_maps: the same from the tile map that launches with many slots write first.
 - expand: vLLM's own expand launcher (its kernel parameters are the ones the compact grid knows) run with vLLM's
-  kernel and with the compact launch (with and without the tile map, and with the expand variants of
-  benchmarks/lora_kernel_experiments.py), against a plain torch computation.
+  kernel and with the compact launch (with and without the tile map; slices whose widths and offsets are
+  multiples of 16, which take the kernel's aligned path, and others), against a plain torch computation.
 """
 
 import json
@@ -28,9 +28,6 @@ from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta  # noqa
 from vllm.lora.utils import get_captured_lora_counts  # noqa: E402
 
 from loraplex.serve import lora_grid  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-import lora_kernel_experiments  # noqa: E402
 
 
 @triton.jit
@@ -61,9 +58,8 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 
 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
-                with_base_tokens: bool, variant: str | None = None, **settings) -> dict:
-    """variant: an expand kernel of lora_kernel_experiments instead of the compact one; settings: lora_grid module
-    settings for this case (TILE_MAP_FROM_ENTRIES)."""
+                with_base_tokens: bool, **settings) -> dict:
+    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -98,8 +94,7 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     try:
         by_vllm = run(vllm_kernel)
         # where the compact grid does not pay, vLLM's kernel runs as the server installs it: without specialisation
-        compact_kernel = lora_kernel_experiments.EXPAND_KERNELS[variant] if variant else lora_grid.compact_expand_kernel
-        by_compact = run(Counting("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel,
+        by_compact = run(Counting("expand", lora_grid.compact_expand_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel,
                                   lora_grid.unspecialised(vllm_kernel, lora_grid.EXPAND_UNSPECIALISED)))
     finally:
         lora_expand_op._lora_expand_kernel = vllm_kernel
@@ -121,7 +116,7 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     # the kernels round to float16 once, the reference not at all
     scale = expected.abs().max().item()
     return {"tokens": tokens, "max_loras": max_loras, "sizes": list(sizes), "add_inputs": add_inputs,
-            "with_base_tokens": with_base_tokens, "settings": settings, "variant": variant,
+            "with_base_tokens": with_base_tokens, "settings": settings,
             "launches": launches,
             "compact_vs_vllm": (by_compact - by_vllm).abs().max().item(),
             "vllm_vs_reference": (by_vllm - expected).abs().max().item() / scale,
@@ -149,9 +144,12 @@ def main() -> None:
                       expand_case(5, 300, 8, (64, 64), False, False, TILE_MAP_FROM_ENTRIES=0),
                       # slices of other widths (qkv-like: widths and strides from tables) and of one width
                       # (gate_up-like), and a layer of one slice
-                      expand_case(6, 200, 4, (48, 16, 16), True, True, variant="aligned"),
-                      expand_case(7, 300, 8, (64, 64), True, False, variant="aligned", TILE_MAP_FROM_ENTRIES=0),
-                      expand_case(8, 300, 8, (96,), True, True, variant="aligned")]
+                      expand_case(6, 200, 4, (48, 16, 16), True, True),
+                      expand_case(7, 300, 8, (64, 64), True, False, TILE_MAP_FROM_ENTRIES=0),
+                      expand_case(8, 300, 8, (96,), True, True),
+                      # slices not all multiples of 16 wide or placed: the kernel's unaligned path
+                      expand_case(9, 200, 4, (32, 40, 24), True, True),
+                      expand_case(10, 200, 4, (32, 40, 24), False, False, TILE_MAP_FROM_ENTRIES=0)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

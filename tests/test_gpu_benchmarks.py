@@ -281,18 +281,16 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
 
 def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch):
     """The benchmark's loop with stand-ins for the GPU parts (unit test): each timing runs under the grid it
-    names (vLLM's kernel, or the compact one with the tile map off or on, or with an expand variant) and with
+    names (vLLM's kernel, or the compact one with the tile map off or on) and with
     the server's tile config or that config with the --config override laid over it."""
     import gpu_lora_grid
-    import lora_kernel_experiments
     import torch
 
     from loraplex.serve import lora_grid, lora_kernels
 
-    state = {"installed": False, "variant": None}
-    monkeypatch.setattr(lora_grid, "install", lambda: state.update(installed=True, variant=None) or "compact grid")
-    monkeypatch.setattr(lora_grid, "restore", lambda: state.update(installed=False, variant=None))
-    monkeypatch.setattr(lora_kernel_experiments, "use_expand_kernel", lambda name: state.update(variant=name))
+    state = {"installed": False}
+    monkeypatch.setattr(lora_grid, "install", lambda: state.update(installed=True) or "compact grid")
+    monkeypatch.setattr(lora_grid, "restore", lambda: state.update(installed=False))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Test GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
@@ -306,7 +304,6 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
         def output(self, config):
             grid = ("vllm" if not state["installed"] else
                     "compact_map" if lora_grid.TILE_MAP_FROM_ENTRIES == 0 else "compact")
-            grid += f"_{state['variant']}" if state["variant"] else ""
             seen.append((self.op, grid, config["block_m"]))
             return torch.ones(2)
 
@@ -317,7 +314,7 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     # the run sets it; put it back after
     monkeypatch.setattr(lora_grid, "TILE_MAP_FROM_ENTRIES", lora_grid.TILE_MAP_FROM_ENTRIES)
     gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
-                        "vllm,compact,compact_map,compact_map_aligned", "--config", 'bm16={"expand": {"block_m": 16}}',
+                        "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
                         "--out", str(tmp_path / "grid.json")])
     result = json.loads((tmp_path / "grid.json").read_text())
     assert result["configs"] == {"server": {}, "bm16": {"expand": {"block_m": 16}}}
@@ -326,9 +323,7 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     assert totals[("bm16", "compact")] == 60.0  # the 4 expand kernels at 5 us
     grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
     assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
-    assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map", "compact_map_aligned"}
-    # the variant replaces the expand kernel only
-    assert {op for op, grid, _ in seen if grid == "compact_map_aligned"} == {"expand"}
+    assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map"}
     with pytest.raises(SystemExit):
         gpu_lora_grid.main(["--grids", "vllm,fast", "--out", str(tmp_path / "x.json")])
 

@@ -46,10 +46,10 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 7, "the cases meant for the compact grid did not use it"
+    assert len(compact) == 9, "the cases meant for the compact grid did not use it"
     # the setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced)
-    assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False]
-    assert [c["variant"] for c in compact][4:] == ["aligned"] * 3
+    assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
+                                                                True]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]

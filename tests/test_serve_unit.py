@@ -4,6 +4,7 @@ versioning in the adapter manager (against a recording stand-in for the engine),
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import random
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from loraplex.errors import LoraplexError
 from loraplex.serve.adapters import AdapterManager, LoraSizing, round_up_rank, size_loras, version_key
 from loraplex.serve.aliases import parse_aliases
-from loraplex.serve.app import _param
+from loraplex.serve.app import _param, freeze_startup_heap
 from loraplex.serve.config import ServeConfig
 from loraplex.serve.errors import APIError, error_body, model_not_found
 from loraplex.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -174,6 +175,18 @@ def test_slot_room_reads_the_gpu_through_vllms_platform(monkeypatch):
 
 def _config(tmp_path, **kw) -> ServeConfig:
     return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
+
+
+def test_server_start_leaves_its_heap_out_of_later_collections():
+    """What exists when the server starts serving is frozen: later full collections skip it."""
+    built_at_start = {"objects": [object() for _ in range(1000)]}
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 1000
+        assert not any(o is built_at_start for o in gc.get_objects())  # no longer tracked for collection
+    finally:
+        gc.unfreeze()
+    assert any(o is built_at_start for o in gc.get_objects())
 
 
 def test_config_lists_every_problem(tmp_path):
