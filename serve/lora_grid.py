@@ -13,7 +13,8 @@ order in which split-K partial sums are added).
 
 Hand-written because vLLM has no such launch. It stands in for the kernel object that vLLM's launchers call (a
 module global), so vLLM's config lookup (tuned configs included), its custom ops and its CUDA-graph capture stay as
-they are. It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others, `install` changes
+they are; and for the expand op's `_get_lora_b_ptr`, to learn which multi-slice layers can run their slices as
+layers of one (SliceLayout). It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others, `install` changes
 nothing and says so. The server turns it on in vLLM's worker process through `serve/lora_grid_worker.py`.
 """
 
@@ -46,6 +47,7 @@ SHRINK_BLOCK_PARAMS = (
     "input_d0_stride", "input_d1_stride", "lora_d0_stride", "lora_d1_stride", "lora_d2_stride", "output_d0_stride",
     "output_d1_stride", "output_d2_stride", "scaling", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EVEN_K", "SPLIT_K",
     "SLICE_NUM", "USE_GDC")
+LORA_B_PTR_PARAMS = ("lora_weights", "offset_start", "device")  # vllm/lora/ops/triton_ops/utils._get_lora_b_ptr
 EXPAND_BLOCK_PARAMS = (
     "pid_n", "lora_index", "slice_id", "input_ptr", "lora_ptr", "out_ptr", "N", "K", "M_LEN", "ram",
     "slice_start_loc", "input_d0_stride", "input_d1_stride", "input_d2_stride", "ls_d0_ptr", "ls_d1_ptr", "ls_d2_ptr",
@@ -170,7 +172,7 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_INPUTS: tl.constexpr,
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
-                          TILES, tile_map, TILE_MAP: tl.constexpr):
+                          TILES, tile_map, TILE_MAP: tl.constexpr, ALIGNED_SLICES: tl.constexpr):
     # axis 0 = (tile, output block), tile fastest as in vLLM: neighbouring blocks read the same LoRA B columns
     pid = tl.program_id(axis=0)
     tile = pid % TILES
@@ -180,41 +182,31 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                                       BLOCK_M, TILE_MAP)
     if tile >= tiles:
         return
-    curr_N = N if SAME_STRIDE else tl.load(output_hs_ptr + slice_id)
+    if SAME_STRIDE:
+        curr_N = N
+    elif ALIGNED_SLICES:
+        curr_N = tl.multiple_of(tl.load(output_hs_ptr + slice_id), 16)
+    else:
+        curr_N = tl.load(output_hs_ptr + slice_id)
     if pid_n * BLOCK_N >= curr_N:
         return
     lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
                                         token_indices_sorted_by_lora_ids, BLOCK_M)
-    if SLICE_NUM == 1:
+    if SLICE_NUM == 1 or not ALIGNED_SLICES:
         do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
                          slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
                          ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
                          SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
     else:
-        # A slice of a multi-slice layer (qkv, gate_up) gets its output column offset, width and B weights'
-        # address as values loaded at run time, of which Triton knows no divisibility, so the masked
-        # read-modify-write of the output goes element by element; a one-slice layer gets them as arguments that
-        # Triton specialises as multiples of 16, and vectorises. Where they are multiples of 16 (checked here, per
-        # slice: true of every model's widths so far), the slice runs as a layer of one with the values marked so:
-        # on an H200 the LoRA layer 1.1-1.7x faster with 8-256 adapters in a batch (BENCHMARKS.md, twelfth
-        # session).
-        slice_lora = tl.load(lora_ptr + slice_id)
-        slice_start = tl.load(slice_start_loc + slice_id)
-        input_offset = slice_id * input_d0_stride
-        if (slice_lora % 16 == 0) & (slice_start % 16 == 0) & (curr_N % 16 == 0) & (input_offset % 16 == 0):
-            # B weights of the slice: (adapters, N, K), contiguous as vLLM asserts
-            slice_d0 = ls_d0_ptr if SAME_STRIDE else tl.load(ls_d0_ptr + slice_id)
-            do_expand_kernel(pid_n, lora_id, 0, input_ptr + tl.multiple_of(input_offset, 16),
-                             tl.multiple_of(slice_lora, 16).to(tl.pointer_type(out_ptr.dtype.element_ty)), out_ptr,
-                             tl.multiple_of(curr_N, 16), K, cta_m_len, ram, tl.multiple_of(slice_start, 16),
-                             input_d0_stride, input_d1_stride, input_d2_stride, slice_d0, K, 1, output_d0_stride,
-                             output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, True, 1, EVEN_K, CAST_TYPE, ADD_INPUTS,
-                             USE_GDC)
-        else:
-            do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
-                             slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr,
-                             ls_d1_ptr, ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K,
-                             SAME_STRIDE, SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
+        # A slice of a multi-slice layer (qkv, gate_up) as a layer of one (SliceLayout says why), its B weights
+        # (adapters, N, K) contiguous as vLLM asserts
+        slice_lora = tl.multiple_of(tl.load(lora_ptr + slice_id), 16).to(tl.pointer_type(out_ptr.dtype.element_ty))
+        slice_d0 = ls_d0_ptr if SAME_STRIDE else tl.load(ls_d0_ptr + slice_id)
+        do_expand_kernel(pid_n, lora_id, 0, input_ptr + tl.multiple_of(slice_id * input_d0_stride, 16), slice_lora,
+                         out_ptr, curr_N, K, cta_m_len, ram,
+                         tl.multiple_of(tl.load(slice_start_loc + slice_id), 16), input_d0_stride, input_d1_stride,
+                         input_d2_stride, slice_d0, K, 1, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N,
+                         BLOCK_K, True, 1, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
 
 
 def compact_pays(token_blocks: int, adapters: int) -> bool:
@@ -239,15 +231,52 @@ def unspecialised(kernel, names: tuple[str, ...]):
 TILE_MAP_FROM_ENTRIES = 65
 
 
+class SliceLayout:
+    """Stands in for `_get_lora_b_ptr` in vLLM's expand op, which vLLM calls with a layer's B weights before every
+    expand launch: returns what vLLM's returns (its slice pointer table among them), and notes per table whether
+    every slice's B weights address, width and output column offset are multiples of 16.
+
+    Why: a slice of a multi-slice layer (qkv, gate_up) reaches vLLM's per-block code with its output column
+    offset, width and weights address loaded at run time, of which Triton knows no divisibility, so the masked
+    read-modify-write of the output goes element by element; a one-slice layer gets them as arguments that Triton
+    specialises as multiples of 16, and vectorises. On an H200, at 512 tokens over 256 adapters, gate_up's expand
+    took 343 us against 21 us for down's, 2.3x the time per block of work. Run as a layer of one with those values
+    marked as multiples of 16 (compact_expand_kernel's ALIGNED_SLICES), the LoRA layer ran 1.05-1.70x faster with
+    8-256 adapters in a batch (BENCHMARKS.md, twelfth session). Checked here, on the host and once per table,
+    because a wrong mark would be wrong results; the same check inside the kernel lost half the gain or more."""
+
+    def __init__(self, replaced):
+        self.replaced = replaced
+        self.aligned: dict[int, bool] = {}  # the pointer table's address -> every slice aligned
+
+    def __call__(self, lora_weights, offset_start, device):
+        values = self.replaced(lora_weights, offset_start, device)
+        table = values[1]  # the slice pointer table (for one slice: the weights themselves)
+        if len(lora_weights) > 1 and table.data_ptr() not in self.aligned:
+            # widths (size -2 of (adapters, [1,] width, rank)) and offset_start multiples of 16 make every
+            # slice's offset one too
+            self.aligned[table.data_ptr()] = offset_start % 16 == 0 and all(
+                w.data_ptr() % 16 == 0 and w.size(-2) % 16 == 0 for w in lora_weights)
+        return values
+
+    def slices_aligned(self, named: dict) -> bool:
+        """Whether an expand launch with vLLM's arguments `named` can take the aligned path: several slices, all
+        aligned, and each slice's input rows at a multiple of 16 elements."""
+        return (named["SLICE_NUM"] > 1 and named["input_d0_stride"] % 16 == 0
+                and self.aligned.get(named["lora_ptr"].data_ptr(), False))
+
+
 class CompactLaunch:
     """Stands in for one of vLLM's kernels where its launcher calls `kernel[grid](*args, **options)`: the same
     arguments, and the compact kernel over a grid of the token blocks that have work (at most M/BLOCK_M + adapters)
     where `compact_pays`, else vLLM's own kernel (without specialisation on the token count) and grid."""
 
-    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced, fallback=None, map_kernel=None):
+    def __init__(self, op: str, kernel, params: tuple[str, ...], replaced, fallback=None, map_kernel=None,
+                 slice_layout: SliceLayout | None = None):
         self.op, self.kernel, self.params, self.replaced = op, kernel, params, replaced
         self.fallback = replaced if fallback is None else fallback  # what runs where the compact grid does not pay
         self.map_kernel = tile_map_kernel if map_kernel is None else map_kernel
+        self.slice_layout = slice_layout  # expand: which launches' slices can take the aligned path
 
     def grid(self, vllm_grid: tuple, named: dict) -> tuple[tuple, dict] | None:
         """The compact grid and the extra kernel arguments, from vLLM's grid (its last axis: adapters in the
@@ -266,6 +295,7 @@ class CompactLaunch:
             blocks *= named["SPLIT_K"]
         else:
             extra["TILES"] = tiles
+            extra["ALIGNED_SLICES"] = self.slice_layout is not None and self.slice_layout.slices_aligned(named)
         return (blocks, vllm_grid[1], 1), extra
 
     def tile_map(self, named: dict, extra: dict):
@@ -331,16 +361,23 @@ def install() -> str:
                 for module, name, _, params, *_ in modules]
     expected += [("vLLM's kernel_utils.do_shrink_kernel", do_shrink_kernel, SHRINK_BLOCK_PARAMS),
                  ("vLLM's kernel_utils.do_expand_kernel", do_expand_kernel, EXPAND_BLOCK_PARAMS)]
+    expand_op = modules[1][0]
+    expected.append((f"{expand_op.__name__}._get_lora_b_ptr", getattr(expand_op, "_get_lora_b_ptr", None),
+                     LORA_B_PTR_PARAMS))
     for where, function, params in expected:
         if function is None:
             return f"this vLLM has no {where}: keeping vLLM's grid"
         if _parameters(function) != params:
             return (f"{where} takes other parameters than the compact grid knows (vLLM 0.26's): "
                     "keeping vLLM's grid")
+    if not isinstance(expand_op._get_lora_b_ptr, SliceLayout):
+        expand_op._get_lora_b_ptr = SliceLayout(expand_op._get_lora_b_ptr)
     for module, name, op, params, kernel, names in modules:
         current = getattr(module, name)
         if not isinstance(current, CompactLaunch):
-            setattr(module, name, CompactLaunch(op, kernel, params, current, unspecialised(current, names)))
+            layout = expand_op._get_lora_b_ptr if op == "expand" else None
+            setattr(module, name, CompactLaunch(op, kernel, params, current, unspecialised(current, names),
+                                                slice_layout=layout))
     return ("compact grid: LoRA kernels launch blocks only for the tokens each adapter has, compiled once for "
             "every token count")
 
@@ -351,3 +388,6 @@ def restore() -> None:
         current = getattr(module, name, None)
         if isinstance(current, CompactLaunch):
             setattr(module, name, current.replaced)
+    expand_op = _kernel_modules()[1][0]
+    if isinstance(getattr(expand_op, "_get_lora_b_ptr", None), SliceLayout):
+        expand_op._get_lora_b_ptr = expand_op._get_lora_b_ptr.replaced

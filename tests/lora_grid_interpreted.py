@@ -78,14 +78,15 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
         lora_expand_op._lora_expand(shrunk, weights, out, *meta_args, offset_start=0, add_inputs=add_inputs)
         return out.float()
 
-    vllm_kernel = lora_expand_op._lora_expand_kernel
+    vllm_kernel, vllm_lora_b_ptr = lora_expand_op._lora_expand_kernel, lora_expand_op._get_lora_b_ptr
     launches = []
 
     class Counting(lora_grid.CompactLaunch):
         def grid(self, vllm_grid, named):
             compact = super().grid(vllm_grid, named)
             launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
-                             "tile_map": bool(compact and compact[1]["TILE_MAP"])})
+                             "tile_map": bool(compact and compact[1]["TILE_MAP"]),
+                             "aligned_slices": bool(compact and compact[1]["ALIGNED_SLICES"])})
             return compact
 
     kept_settings = {name: getattr(lora_grid, name) for name in settings}
@@ -94,10 +95,12 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
     try:
         by_vllm = run(vllm_kernel)
         # where the compact grid does not pay, vLLM's kernel runs as the server installs it: without specialisation
+        layout = lora_expand_op._get_lora_b_ptr = lora_grid.SliceLayout(vllm_lora_b_ptr)
         by_compact = run(Counting("expand", lora_grid.compact_expand_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel,
-                                  lora_grid.unspecialised(vllm_kernel, lora_grid.EXPAND_UNSPECIALISED)))
+                                  lora_grid.unspecialised(vllm_kernel, lora_grid.EXPAND_UNSPECIALISED),
+                                  slice_layout=layout))
     finally:
-        lora_expand_op._lora_expand_kernel = vllm_kernel
+        lora_expand_op._lora_expand_kernel, lora_expand_op._get_lora_b_ptr = vllm_kernel, vllm_lora_b_ptr
         for name, value in kept_settings.items():
             setattr(lora_grid, name, value)
     expected = start.float().clone()

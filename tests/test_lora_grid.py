@@ -50,6 +50,9 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
     # the setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced)
     assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
                                                                 True]
+    # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
+    assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
+                                                                      False, False]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
@@ -174,15 +177,59 @@ def vllm_kernels(monkeypatch):
 
 def test_install_replaces_both_kernels_and_restore_puts_them_back(vllm_kernels):
     shrink_op, expand_op = vllm_kernels
-    shrink, expand = shrink_op._lora_shrink_kernel, expand_op._lora_expand_kernel
+    shrink, expand, lora_b_ptr = shrink_op._lora_shrink_kernel, expand_op._lora_expand_kernel, expand_op._get_lora_b_ptr
     assert lora_grid.install().startswith("compact grid")
     assert isinstance(shrink_op._lora_shrink_kernel, lora_grid.CompactLaunch)
     assert expand_op._lora_expand_kernel.replaced is expand
     assert expand_op._lora_expand_kernel.fallback == ("unspecialised", expand, lora_grid.EXPAND_UNSPECIALISED)
+    # the expand launch learns the slices' layout from vLLM's own pointer-table function
+    assert isinstance(expand_op._get_lora_b_ptr, lora_grid.SliceLayout)
+    assert expand_op._get_lora_b_ptr.replaced is lora_b_ptr
+    assert expand_op._lora_expand_kernel.slice_layout is expand_op._get_lora_b_ptr
+    assert shrink_op._lora_shrink_kernel.slice_layout is None
     assert lora_grid.install().startswith("compact grid")  # twice: still one layer
-    assert shrink_op._lora_shrink_kernel.replaced is shrink
+    assert shrink_op._lora_shrink_kernel.replaced is shrink and expand_op._get_lora_b_ptr.replaced is lora_b_ptr
     lora_grid.restore()
     assert (shrink_op._lora_shrink_kernel, expand_op._lora_expand_kernel) == (shrink, expand)
+    assert expand_op._get_lora_b_ptr is lora_b_ptr
+
+
+def test_slices_take_the_aligned_path_only_where_every_width_offset_and_address_is_a_multiple_of_16():
+    """SliceLayout notes per pointer table whether a multi-slice layer's slices are all 16-aligned; a launch takes
+    the aligned path only then, and only if each slice's input rows start at a multiple of 16 elements."""
+    def table_for(weights, offset_start):
+        table = torch.zeros(len(weights), dtype=torch.int64)
+        layout = lora_grid.SliceLayout(lambda w, o, d: ("slice starts", table, "..."))
+        assert layout(weights, offset_start, "cpu") == ("slice starts", table, "...")  # vLLM's values, untouched
+        named = {"SLICE_NUM": len(weights), "input_d0_stride": 512 * 16, "lora_ptr": table}
+        return layout.slices_aligned(named), layout, named
+
+    def b(width, rank=16):
+        return torch.zeros(4, 1, width, rank, dtype=torch.bfloat16)
+
+    assert table_for([b(4096), b(1024), b(1024)], 0)[0]  # Llama's qkv
+    assert table_for([b(14336), b(14336)], 0)[0]  # gate_up
+    assert not table_for([b(14336)], 0)[0]  # one slice: the plain path already knows its values
+    assert not table_for([b(32), b(40), b(24)], 0)[0]  # a width (and so the next offset) off 16
+    assert not table_for([b(32), b(32)], 8)[0]  # the output offset off 16
+    shifted = b(32 * 2).flatten()[1:].view(-1)[:4 * 32 * 16].view(4, 1, 32, 16)  # an address 2 bytes off
+    assert not table_for([b(32), shifted], 0)[0]
+    aligned, layout, named = table_for([b(64), b(64)], 0)
+    assert aligned and not layout.slices_aligned({**named, "input_d0_stride": 8 * 17})  # input rows off 16
+    assert not layout.slices_aligned({**named, "lora_ptr": torch.zeros(2)})  # a table it has not seen
+
+
+def test_expand_launch_passes_the_aligned_path_choice():
+    vllm_kernel, compact_kernel = _Kernel(), _Kernel()
+    table = torch.zeros(2, dtype=torch.int64)
+    layout = lora_grid.SliceLayout(lambda w, o, d: (None, table))
+    layout([torch.zeros(4, 1, 64, 16), torch.zeros(4, 1, 64, 16)], 0, "cpu")
+    expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel,
+                                     slice_layout=layout)
+    for slices, aligned in ((2, True), (1, False)):
+        expand[(8 * 112, slices, 16)](*_args(lora_grid.EXPAND_PARAMS, N=14336, BLOCK_N=128, SLICE_NUM=slices,
+                                             lora_ptr=table, input_d0_stride=512 * 16))
+        assert compact_kernel.launches[-1][2]["ALIGNED_SLICES"] is aligned
 
 
 def test_install_keeps_vllms_grid_for_kernels_with_other_parameters(vllm_kernels, monkeypatch):
