@@ -14,8 +14,9 @@ order in which split-K partial sums are added).
 Hand-written because vLLM has no such launch. It stands in for the kernel object that vLLM's launchers call (a
 module global), so vLLM's config lookup (tuned configs included), its custom ops and its CUDA-graph capture stay as
 they are; and for the expand op's `_get_lora_b_ptr`, to learn which multi-slice layers can run their slices as
-layers of one (SliceLayout). It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others, `install` changes
-nothing and says so. The server turns it on in vLLM's worker process through `serve/lora_grid_worker.py`.
+layers of one (SliceLayout). It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others,
+`install` changes nothing and says so. The server turns it on in vLLM's worker process through
+`serve/lora_grid_worker.py`.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ SHRINK_BLOCK_PARAMS = (
     "input_d0_stride", "input_d1_stride", "lora_d0_stride", "lora_d1_stride", "lora_d2_stride", "output_d0_stride",
     "output_d1_stride", "output_d2_stride", "scaling", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EVEN_K", "SPLIT_K",
     "SLICE_NUM", "USE_GDC")
-LORA_B_PTR_PARAMS = ("lora_weights", "offset_start", "device")  # vllm/lora/ops/triton_ops/utils._get_lora_b_ptr
 EXPAND_BLOCK_PARAMS = (
     "pid_n", "lora_index", "slice_id", "input_ptr", "lora_ptr", "out_ptr", "N", "K", "M_LEN", "ram",
     "slice_start_loc", "input_d0_stride", "input_d1_stride", "input_d2_stride", "ls_d0_ptr", "ls_d1_ptr", "ls_d2_ptr",
     "output_d0_stride", "output_d1_stride", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SAME_STRIDE", "SLICE_NUM", "EVEN_K",
     "CAST_TYPE", "ADD_INPUTS", "USE_GDC")
+# ... and of the function that gives vLLM's expand launch its slices' pointer table (SliceLayout wraps it)
+LORA_B_PTR_PARAMS = ("lora_weights", "offset_start", "device")
 
 
 @triton.jit
