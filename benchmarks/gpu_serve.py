@@ -19,7 +19,8 @@ under a burst of base-model streams, whose largest gap between tokens is compare
 
 `--server pair` starts both servers on the one GPU (give each a share of it: `--server-arg=--gpu-memory-utilization
 --server-arg=0.45`) and sends each case `--repeats` times to each, alternating which goes first, the same requests
-to both: the machine's drift then falls on both alike, and `pairs` gives loraplex's tokens/s over vLLM's per burst.
+to both: the machine's drift then falls on both alike, and `pairs` gives loraplex's tokens/s, TTFT p50 and longest
+pause between tokens over vLLM's, per burst and as geometric means with 95% intervals.
 
 `--profile-cases` (vLLM's server only: loraplex does not expose vLLM's profiler) runs those cases once more
 after the measured ones under vLLM's torch profiler and records where the GPU's time went: kernel time by kind
@@ -596,22 +597,40 @@ def pair_order(index: int, repeat: int) -> tuple[str, str]:
     return ("loraplex", "vllm") if (index + repeat) % 2 == 0 else ("vllm", "loraplex")
 
 
+# What pair_summary compares: throughput, and the latency a stream sees (first token; longest pause after it)
+PAIR_METRICS = ("out_tok_s", "ttft_p50_ms", "max_gap_p50_ms")
+
+
 def pair_summary(cases: list[dict]) -> dict:
-    """loraplex's tokens/s over vLLM's, burst by burst (the cases carry server, case and repeat), per case and
-    over all bursts (geometric mean)."""
-    by_burst: dict[tuple[str, int], dict[str, float]] = {}
+    """Per metric of PAIR_METRICS, loraplex's figure over vLLM's burst by burst (the cases carry server, case and
+    repeat): per case, and over all bursts and over the rounds after the first (round 1 holds each server's first
+    use of each case) as geometric means with 95% bootstrap intervals."""
+    from loraplex.eval.stats import bootstrap_mean_ci
+
+    by_burst: dict[tuple[str, int], dict[str, dict]] = {}
     for case in cases:
         if "out_tok_s" in case:
-            by_burst.setdefault((case["case"], case["repeat"]), {})[case["server"]] = case["out_tok_s"]
-    ratios: dict[str, list[float]] = {}
-    for (case, _), tok_s in by_burst.items():
-        if {"loraplex", "vllm"} <= set(tok_s) and tok_s["vllm"] > 0:
-            ratios.setdefault(case, []).append(tok_s["loraplex"] / tok_s["vllm"])
-    every = [r for values in ratios.values() for r in values]
-    geomean = lambda values: math.exp(sum(math.log(v) for v in values) / len(values))  # noqa: E731
-    return {"per_case": [{"case": case, "loraplex_over_vllm": [round(r, 3) for r in values],
-                          "geomean": round(geomean(values), 3)} for case, values in ratios.items()],
-            "geomean_all_bursts": round(geomean(every), 3) if every else None, "bursts": len(every)}
+            by_burst.setdefault((case["case"], case["repeat"]), {})[case["server"]] = case
+
+    def geomean(ratios: list[float]) -> dict:
+        mean, low, high = bootstrap_mean_ci([math.log(r) for r in ratios])
+        return {"geomean": round(math.exp(mean), 3), "low": round(math.exp(low), 3), "high": round(math.exp(high), 3),
+                "bursts": len(ratios)}
+
+    summary = {}
+    for metric in PAIR_METRICS:
+        ratios: dict[str, list[tuple[int, float]]] = {}
+        for (case, repeat), servers in by_burst.items():
+            if {"loraplex", "vllm"} <= set(servers) and servers["vllm"].get(metric):
+                ratios.setdefault(case, []).append((repeat, servers["loraplex"][metric] / servers["vllm"][metric]))
+        every = [(repeat, r) for values in ratios.values() for repeat, r in values]
+        later = [r for repeat, r in every if repeat > 0]
+        summary[metric] = {
+            "per_case": [{"case": case, "loraplex_over_vllm": [round(r, 3) for _, r in values],
+                          **geomean([r for _, r in values])} for case, values in ratios.items()],
+            "all_bursts": geomean([r for _, r in every]) if every else None,
+            "after_first_round": geomean(later) if later else None}
+    return summary
 
 
 def registry_sizing(args) -> tuple[list[str], object]:

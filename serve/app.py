@@ -389,8 +389,8 @@ def freeze_startup_heap() -> None:
     """Leave what start-up built out of every later garbage collection. The imports (torch, transformers, vLLM)
     and the engine client make ~600,000 objects that live as long as the server, and each full collection walks
     them all while every stream waits: 300 ms on a 2-core CPU host. vLLM's own server freezes them for the same
-    reason; streams on an H200 showed 570 ms against its 210 ms as their longest pause between tokens before
-    this (BENCHMARKS.md, twelfth session)."""
+    reason; before this, streams on an H200 paused 440-690 ms at the longest against 200-280 ms under vLLM's
+    server at the same throughput (BENCHMARKS.md, twelfth session)."""
     gc.collect()
     gc.freeze()
 

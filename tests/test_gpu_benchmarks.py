@@ -51,17 +51,26 @@ def test_same_case_gets_the_same_requests_on_every_server():
 
 def test_paired_servers_alternate_and_compare_burst_by_burst():
     """--server pair: which server goes first alternates from burst to burst, and the summary divides loraplex's
-    tokens/s by vLLM's for the same case and repeat only."""
+    figures by vLLM's for the same case and repeat only, over all rounds and over those after the first."""
     orders = [gpu_serve.pair_order(index, repeat) for index in range(2) for repeat in range(2)]
     assert orders == [("loraplex", "vllm"), ("vllm", "loraplex"), ("vllm", "loraplex"), ("loraplex", "vllm")]
-    bursts = [("loraplex", "32 adapters", 0, 990.0), ("vllm", "32 adapters", 0, 1000.0),
-              ("vllm", "32 adapters", 1, 1000.0), ("loraplex", "32 adapters", 1, 1010.0),
-              ("loraplex", "base model only", 0, 2000.0)]  # this one's vLLM burst is missing: no pair
-    cases = [{"server": server, "case": case, "repeat": repeat, "out_tok_s": tok_s}
-             for server, case, repeat, tok_s in bursts]
+    bursts = [("loraplex", "32 adapters", 0, 990.0, 400.0), ("vllm", "32 adapters", 0, 1000.0, 200.0),
+              ("vllm", "32 adapters", 1, 1000.0, 200.0), ("loraplex", "32 adapters", 1, 1010.0, 200.0),
+              ("vllm", "32 adapters", 2, 1000.0, 250.0), ("loraplex", "32 adapters", 2, 1010.0, 250.0),
+              ("loraplex", "base model only", 0, 2000.0, 100.0)]  # this one's vLLM burst is missing: no pair
+    cases = [{"server": server, "case": case, "repeat": repeat, "out_tok_s": tok_s, "ttft_p50_ms": ttft}
+             for server, case, repeat, tok_s, ttft in bursts]
     summary = gpu_serve.pair_summary(cases)
-    assert summary["per_case"] == [{"case": "32 adapters", "loraplex_over_vllm": [0.99, 1.01], "geomean": 1.0}]
-    assert summary["bursts"] == 2 and summary["geomean_all_bursts"] == 1.0
+    tok_s = summary["out_tok_s"]
+    [per_case] = tok_s["per_case"]
+    assert per_case["case"] == "32 adapters" and per_case["loraplex_over_vllm"] == [0.99, 1.01, 1.01]
+    assert tok_s["all_bursts"]["bursts"] == 3 and tok_s["after_first_round"]["bursts"] == 2
+    assert tok_s["after_first_round"]["geomean"] == tok_s["after_first_round"]["low"] == 1.01
+    assert tok_s["all_bursts"]["low"] < 1.0 < tok_s["all_bursts"]["high"]
+    ttft = summary["ttft_p50_ms"]
+    assert ttft["per_case"][0]["loraplex_over_vllm"] == [2.0, 1.0, 1.0]
+    assert ttft["after_first_round"]["geomean"] == 1.0 and ttft["all_bursts"]["geomean"] == round(2 ** (1 / 3), 3)
+    assert summary["max_gap_p50_ms"]["all_bursts"] is None  # not recorded in these bursts
     base = ["bench", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--out", "o.json"]
     assert gpu_serve.parse_args([*base, "--server", "pair", "--repeats", "2"]).repeats == 2
     for bad in (["--cold"], ["--profile-cases", "8"], ["--repeats", "0"]):
