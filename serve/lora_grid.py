@@ -249,7 +249,9 @@ class SliceLayout:
 
     def __init__(self, replaced):
         self.replaced = replaced
-        self.aligned: dict[int, bool] = {}  # the pointer table's address -> every slice aligned
+        # the pointer table's address -> every slice aligned; vLLM keeps each table (_LORA_B_PTR_DICT) for the
+        # process's life, so an address names one layer's weights
+        self.aligned: dict[int, bool] = {}
 
     def __call__(self, lora_weights, offset_start, device):
         values = self.replaced(lora_weights, offset_start, device)
