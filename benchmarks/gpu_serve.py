@@ -210,19 +210,33 @@ def summarize(records: list[dict], output_len: int) -> dict:
 # adapter swaps) or for work (few requests admitted): these samples, taken beside each burst, can.
 
 RUNNING_METRIC, WAITING_METRIC = "vllm:num_requests_running", "vllm:num_requests_waiting"
+# Counters of the server's own process that both servers export (prometheus_client's default GC collector) and
+# loraplex's event-loop lag histogram: deltas over a burst say whether its HTTP process stopped, and for what.
+FULL_GC_METRIC, LOOP_LAG_METRIC = "python_gc_collections_total", "loraplex_event_loop_lag_seconds"
+LOOP_STALL_S = "0.1"  # a lag over this (a histogram bucket's bound) counts as a stall
 
 
-def engine_queue(metrics_text: str) -> dict[str, float]:
-    """Running and waiting requests from a Prometheus /metrics page (vLLM's gauges, which `loraplex serve`
-    also exports), summed over label sets; absent gauges are left out."""
+def server_metrics(metrics_text: str) -> dict[str, float]:
+    """From a Prometheus /metrics page: the engine's running and waiting requests (vLLM's gauges, which
+    `loraplex serve` also exports, summed over label sets), the front end's full garbage collections so far, and
+    (loraplex) its event-loop lag checks and those later than LOOP_STALL_S so far; absent metrics are left out."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {RUNNING_METRIC: "running", WAITING_METRIC: "waiting"}
     found: dict[str, float] = {}
+    lag_checks = lag_within = None
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name in wanted:
                 found[wanted[sample.name]] = found.get(wanted[sample.name], 0.0) + sample.value
+            elif sample.name == FULL_GC_METRIC and sample.labels.get("generation") == "2":
+                found["full_gcs"] = sample.value
+            elif sample.name == LOOP_LAG_METRIC + "_count":
+                lag_checks = sample.value
+            elif sample.name == LOOP_LAG_METRIC + "_bucket" and sample.labels.get("le") == LOOP_STALL_S:
+                lag_within = sample.value
+    if lag_checks is not None and lag_within is not None:
+        found["loop_stalls"] = lag_checks - lag_within
     return found
 
 
@@ -258,6 +272,12 @@ class BurstSampler:
         read_busy = gpu_busy_reader()
         tick = 0
         with httpx.Client(timeout=2.0) as http:
+            def sample_metrics():
+                try:
+                    self.queue.append((time.time(), server_metrics(http.get(self.url + "/metrics").text)))
+                except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
+                    pass
+
             while not self.stop_event.wait(0.25):
                 if read_busy is not None:
                     try:
@@ -266,13 +286,11 @@ class BurstSampler:
                         read_busy = None
                 tick += 1
                 if tick % 2 == 0:
-                    try:
-                        self.queue.append((time.time(), engine_queue(http.get(self.url + "/metrics").text)))
-                    except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
-                        pass
+                    sample_metrics()
                     seconds = process_cpu_seconds(self.pid) if self.pid else None
                     if seconds is not None:
                         self.cpu.append((time.time(), seconds))
+            sample_metrics()  # after the burst: where its counters end
 
     def summary(self, records: list[dict]) -> dict:
         if not records:
@@ -288,6 +306,13 @@ class BurstSampler:
             if values:
                 out[f"{key}_mean"] = round(sum(values) / len(values), 1)
                 out[f"{key}_max"] = max(values)
+        # counters: from the last sample before the burst to the first after it
+        for key, name in (("full_gcs", "front_end_full_gcs"), ("loop_stalls", "front_end_stalls_over_100ms")):
+            counted = [(t, q[key]) for t, q in self.queue if key in q]
+            before = [value for t, value in counted if t <= start]
+            after = [value for t, value in counted if t >= end]
+            if before and after:
+                out[name] = int(after[0] - before[-1])
         cpu = [(t, seconds) for t, seconds in self.cpu if start <= t <= end]
         if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]:
             span = cpu[-1][0] - cpu[0][0]

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -36,6 +37,9 @@ class Metrics:
                                        "Requests inside the engine (running plus waiting).", registry=r)
         self.adapters_loaded = Gauge("loraplex_adapters_loaded", "Adapters ready to serve.", registry=r)
         self.adapters_unavailable = Gauge("loraplex_adapters_unavailable", "Adapters found but refused.", registry=r)
+        self.loop_lag = Histogram("loraplex_event_loop_lag_seconds",
+                                  "How late the server's event loop ran a timer that was due: every stream waits as "
+                                  "long (a garbage collection, a slow handler).", buckets=_LOOP_LAG_BUCKETS, registry=r)
 
     def bind(self, engine_unfinished, adapters_loaded, adapters_unavailable) -> None:
         """Gauges read at scrape time from the live objects."""

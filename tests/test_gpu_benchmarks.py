@@ -120,9 +120,19 @@ def test_burst_samples_count_only_the_bursts_own_span():
     metrics = ('# TYPE vllm:num_requests_running gauge\n'
                'vllm:num_requests_running{engine="0",model_name="m"} 36.0\n'
                'vllm:num_requests_waiting{engine="0",model_name="m"} 400.0\n'
-               'loraplex_requests_in_flight 436.0\n')
-    assert gpu_serve.engine_queue(metrics) == {"running": 36.0, "waiting": 400.0}
-    assert gpu_serve.engine_queue("loraplex_requests_in_flight 3.0\n") == {}
+               'loraplex_requests_in_flight 436.0\n'
+               '# TYPE python_gc_collections counter\n'
+               'python_gc_collections_total{generation="0"} 900.0\n'
+               'python_gc_collections_total{generation="2"} 7.0\n'
+               '# TYPE loraplex_event_loop_lag_seconds histogram\n'
+               'loraplex_event_loop_lag_seconds_bucket{le="0.05"} 95.0\n'
+               'loraplex_event_loop_lag_seconds_bucket{le="0.1"} 97.0\n'
+               'loraplex_event_loop_lag_seconds_bucket{le="+Inf"} 100.0\n'
+               'loraplex_event_loop_lag_seconds_count 100.0\n'
+               'loraplex_event_loop_lag_seconds_sum 2.5\n')
+    assert gpu_serve.server_metrics(metrics) == {"running": 36.0, "waiting": 400.0, "full_gcs": 7.0,
+                                                 "loop_stalls": 3.0}
+    assert gpu_serve.server_metrics("loraplex_requests_in_flight 3.0\n") == {}
 
     sampler = gpu_serve.BurstSampler("http://127.0.0.1:9")
     sampler.busy = [(9.5, 0.0), (10.5, 0.5), (11.5, 1.0), (13.0, 0.0)]  # before and after the burst: idle
@@ -130,6 +140,12 @@ def test_burst_samples_count_only_the_bursts_own_span():
     records = [{"start": 10.0, "end": 12.0}, {"start": 10.1, "end": 11.0}]
     assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
                                         "waiting_mean": 5.0, "waiting_max": 10.0}
+    # counters from the last sample before the burst to the first after it (the one after the stop included)
+    sampler.queue = [(9.0, {"full_gcs": 1.0, "loop_stalls": 0.0}), (9.6, {"full_gcs": 2.0, "loop_stalls": 1.0}),
+                     (11.0, {"full_gcs": 3.0, "loop_stalls": 2.0}), (12.1, {"full_gcs": 5.0, "loop_stalls": 4.0}),
+                     (12.6, {"full_gcs": 9.0, "loop_stalls": 9.0})]
+    summary = sampler.summary(records)
+    assert (summary["front_end_full_gcs"], summary["front_end_stalls_over_100ms"]) == (3, 3)
     assert sampler.summary([]) == {}
     # CPU: (front end, engine core) seconds so far; 1.6 s apart inside the burst, 0.4 and 1.6 s used
     sampler.cpu = [(9.0, (0.0, 0.0)), (10.2, (1.0, 2.0)), (11.8, (1.4, 3.6)), (12.5, (9.0, 9.0))]

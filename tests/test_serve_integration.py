@@ -459,6 +459,12 @@ def engine_idle(http) -> bool:
     return metric(http, "loraplex_engine_unfinished_requests") == 0 and metric(http, "loraplex_requests_in_flight") == 0
 
 
+def test_metrics_report_how_late_the_event_loop_runs(http):
+    """The server keeps observing its event loop's lag: the count grows between two scrapes."""
+    first = metric(http, "loraplex_event_loop_lag_seconds_count")
+    assert wait_until(lambda: metric(http, "loraplex_event_loop_lag_seconds_count") > first)
+
+
 def test_stream_disconnect_aborts_in_engine(server, http, client):
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as streaming:
         response = start_stream(server, streaming)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from pydantic import ValidationError
 from loraplex.errors import LoraplexError
 from loraplex.serve.adapters import AdapterManager, LoraSizing, round_up_rank, size_loras, version_key
 from loraplex.serve.aliases import parse_aliases
-from loraplex.serve.app import _param, freeze_startup_heap
+from loraplex.serve.app import _measure_loop_lag, _param, freeze_startup_heap
 from loraplex.serve.config import ServeConfig
 from loraplex.serve.errors import APIError, error_body, model_not_found
+from loraplex.serve.metrics import Metrics
 from loraplex.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -187,6 +189,26 @@ def test_server_start_leaves_its_heap_out_of_later_collections():
     finally:
         gc.unfreeze()
     assert any(o is built_at_start for o in gc.get_objects())
+
+
+def test_event_loop_lag_is_how_late_a_due_timer_runs():
+    """A handler that holds the loop for 0.3 s shows as one lag observation of at least that; the rest are
+    small."""
+    metrics = Metrics()
+
+    async def scenario():
+        task = asyncio.create_task(_measure_loop_lag(metrics, interval_s=0.01))
+        await asyncio.sleep(0.1)
+        time.sleep(0.3)  # holds the loop, as a full garbage collection over a large heap would
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(scenario())
+    samples = {(s.name, s.labels.get("le")): s.value for s in metrics.loop_lag.collect()[0].samples}
+    count = samples[("loraplex_event_loop_lag_seconds_count", None)]
+    assert count >= 5
+    assert count - samples[("loraplex_event_loop_lag_seconds_bucket", "0.25")] >= 1  # the held timer
+    assert samples[("loraplex_event_loop_lag_seconds_sum", None)] >= 0.25
 
 
 def test_config_lists_every_problem(tmp_path):
