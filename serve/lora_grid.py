@@ -388,10 +388,11 @@ def install() -> str:
 
 def restore() -> None:
     """Put vLLM's own kernels back (benchmarks compare both in one process)."""
-    for module, name, *_ in _kernel_modules():
+    modules = _kernel_modules()
+    for module, name, *_ in modules:
         current = getattr(module, name, None)
         if isinstance(current, CompactLaunch):
             setattr(module, name, current.replaced)
-    expand_op = _kernel_modules()[1][0]
+    expand_op = modules[1][0]
     if isinstance(getattr(expand_op, "_get_lora_b_ptr", None), SliceLayout):
         expand_op._get_lora_b_ptr = expand_op._get_lora_b_ptr.replaced
