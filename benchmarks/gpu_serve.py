@@ -440,7 +440,7 @@ class Server:
         stop(self.proc, grace=20)
 
 
-def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
+def same_lora_kernels_as_loraplex(model_dir: Path, rank: int, max_loras: int) -> str | None:
     """Give vLLM's server the tuned LoRA kernel configs `loraplex serve` would choose here (it inherits this
     environment), so that both servers run the same kernels."""
     import torch
@@ -448,7 +448,7 @@ def same_lora_kernels_as_loraplex(model_dir: Path, rank: int) -> str | None:
     from loraplex.serve.lora_kernels import use_config_folder
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    folder, why = use_config_folder(None, gpu, model_dir, rank)
+    folder, why = use_config_folder(None, gpu, model_dir, rank, max_loras)
     log("LoRA kernel configs for vLLM's server:", why)
     return folder
 
@@ -682,7 +682,7 @@ def start_server(args, adapters: list[str], sizing, log_path: Path, extra_flags:
     from loraplex.server_process import free_port
 
     if args.server == "vllm":
-        same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank)
+        same_lora_kernels_as_loraplex(args.model_dir, sizing.max_lora_rank, sizing.max_loras)
     port = free_port()
     reserve = vllm_pinned_reserve_mib(args, adapters, sizing) if args.server == "vllm" else 0
     with engine_process_environment(reserve):

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_stage.sh [DEST]          (DEST defaults to .gpu-stage, which git ignores)
 set -euo pipefail
 dest=${1:-.gpu-stage}
-part_size=${PART_SIZE:-62M}
+part_size=${PART_SIZE:-56M}
 python=${PYTHON:-python3}
 mkdir -p "$dest/wheels"
 plat=()

@@ -130,7 +130,8 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
             gpu_name = current_platform.get_device_name()  # NVML: no CUDA context in this process
         except Exception as e:  # an unusual platform: vLLM's defaults then
             log.warning("could not read the GPU's name (%s); LoRA kernels keep vLLM's default configs", e)
-    folder, why = use_config_folder(config.lora_kernel_configs, gpu_name, config.model_path, loras.max_lora_rank)
+    folder, why = use_config_folder(config.lora_kernel_configs, gpu_name, config.model_path, loras.max_lora_rank,
+                                    loras.max_loras)
     log.info("LoRA kernel configs: %s%s", why, f" ({folder})" if folder else "")
     return folder
 

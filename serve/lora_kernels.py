@@ -15,9 +15,11 @@ checked against the default config's output, coordinate descent from vLLM's defa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,12 +180,58 @@ def folder_problems(folder: Path, gpu_name: str, model_config: dict) -> tuple[li
     return missing, problems
 
 
+def slot_table_key(keys: list[int], max_loras: int) -> int:
+    """The table (vLLM's key: the slot count + 1) a server with `max_loras` slots runs: its own, else the one tuned
+    for the fewest slots above it, else the largest. vLLM itself takes the nearest key, which between the shipped
+    tables for 16 and 256 slots is the 16-slot one up to 128 slots; its token tiles suit at most 16 adapters in a
+    batch, and 32 adapters over 128 slots ran at 0.74 of the base model with it (BENCHMARKS.md, thirteenth session),
+    where over 256 slots the 256-slot table took them from 0.80 to 0.87-1.06."""
+    above = [key for key in keys if key >= max_loras + 1]
+    return min(above) if above else max(keys)
+
+
+def serve_slot_tables(folder: str, gpu_name: str, max_loras: int) -> tuple[str, str]:
+    """The folder to hand vLLM so that its nearest-key lookup lands on `slot_table_key`'s table: `folder` itself
+    where it already does, else a copy under loraplex's home holding only that table, under this slot count's key.
+    Returns (folder, what it serves)."""
+    from loraplex.home import loraplex_home
+
+    paths = [Path(folder) / name for name in config_files(gpu_name)]
+    sources = {path.name: path.read_bytes() for path in paths if path.is_file()}
+    tables = {name: json.loads(data) for name, data in sources.items()}
+    want = max_loras + 1
+    chosen = {name: slot_table_key([int(key) for key in table], max_loras) for name, table in tables.items()}
+    # vLLM's lookup, ties included: min() keeps the first of equally near keys in the file's order
+    nearest = {name: int(min(table, key=lambda key: abs(int(key) - want))) for name, table in tables.items()}
+    if chosen == nearest:
+        return folder, ""
+    served = sorted({key - 1 for key in chosen.values()})
+    what = f"the tables tuned for {', '.join(map(str, served))} slots serve {max_loras}"
+    digest = hashlib.sha256(b"".join(sources[name] for name in sorted(sources))).hexdigest()[:12]
+    out = loraplex_home() / "lora-kernel-configs" / f"{file_prefix(gpu_name)}-slots{max_loras}-{digest}"
+    if out.is_dir():
+        return str(out), what
+    try:  # written whole, then renamed: a server never reads a half-written table
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+        for name, table in tables.items():
+            (staging / name).write_text(json.dumps({str(want): table[str(chosen[name])]}))
+        os.replace(staging, out)
+    except OSError as e:
+        if out.is_dir():  # another server wrote it first
+            return str(out), what
+        log.warning("could not write %s (%s): vLLM takes the table of the nearest slot count instead", out, e)
+        return folder, ""
+    return str(out), what
+
+
 def use_config_folder(requested: str | None, gpu_name: str | None, model_path: Path,
-                      rank: int) -> tuple[str | None, str]:
+                      rank: int, max_loras: int | None = None) -> tuple[str | None, str]:
     """Set (or clear) VLLM_TUNED_CONFIG_FOLDER as `choose_config_folder` decides for this model, for the vLLM
     engine this process starts next (its engine core and workers inherit the environment). Returns (folder, why).
     A folder the user named is checked first: a malformed table would otherwise fail inside the engine on its first
-    LoRA step, and a folder without this GPU's files would silently change nothing."""
+    LoRA step, and a folder without this GPU's files would silently change nothing. max_loras: the server's slots;
+    vLLM then runs the table `slot_table_key` picks for them (`serve_slot_tables`)."""
     try:
         model_config = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError):
@@ -205,6 +253,9 @@ def use_config_folder(requested: str | None, gpu_name: str | None, model_path: P
             why += f"; {message}"
         elif missing:
             why += f"; without {', '.join(missing)} (vLLM's defaults for that kernel)"
+    if folder is not None and gpu_name is not None and max_loras is not None:
+        folder, what = serve_slot_tables(folder, gpu_name, max_loras)
+        why += f"; {what}" if what else ""
     if folder is None:
         os.environ.pop(ENV_FOLDER, None)
     else:

@@ -83,7 +83,8 @@ def test_vllm_finds_every_shipped_config(vllm_reads_configs_from):
 def test_many_slots_get_small_token_blocks_up_to_1024_tokens(vllm_reads_configs_from):
     """The shipped 256-slot table (vLLM's key 257, the lora_ids length) is the 16-slot one with token blocks of 16
     (and expand output blocks of 256) where a batch spreads few tokens over each adapter (BENCHMARKS.md, tenth
-    session); vLLM takes the nearest key, so 16-64 slots keep the 16-slot table."""
+    session). vLLM alone takes the nearest key, so 64 slots would read the 16-slot table; the server hands it the
+    256-slot one for 17-255 slots (test_slots_between_tables_run_the_table_tuned_for_more_slots)."""
     get_configs = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)
     keys = lora_kernels.kernel_keys(lora_kernels.layer_families(LLAMA_8B), 16)
     for m in (16, 300, 512, 1024):
@@ -286,3 +287,48 @@ def test_a_named_configs_folder_is_checked_before_the_engine_reads_it(monkeypatc
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(folder))
     chosen, why = lora_kernels.use_config_folder(None, "NVIDIA A100-SXM4-80GB", model, 16)
     assert chosen == str(folder) and "vLLM would use its defaults" in why
+
+
+def test_slots_between_tables_run_the_table_tuned_for_more_slots(monkeypatch, tmp_path, vllm_reads_configs_from):
+    """vLLM would give 17-128 slots the shipped 16-slot table (the nearest key); loraplex hands it a folder holding
+    the 256-slot table under the server's own key, and the shipped folder itself where vLLM already lands right."""
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "")
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")  # restored as absent after the test (use_config_folder sets it)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_8B))
+    packaged = str(lora_kernels.PACKAGED_CONFIGS)
+    shipped = vllm_reads_configs_from(packaged)
+    many = {m: shipped("expand", 257, m, 14336, 16, 2, True) for m in (16, 512)}
+    few = {m: shipped("expand", 17, m, 14336, 16, 2, True) for m in (16, 512)}
+    many_shrink = shipped("shrink", 257, 512, 4096, 16, 3)
+    assert many != few and many_shrink != shipped("shrink", 17, 512, 4096, 16, 3)
+
+    folder, why = lora_kernels.use_config_folder(None, "NVIDIA H200", model, 16, max_loras=128)
+    assert folder != packaged and Path(folder).parent == tmp_path / "home" / "lora-kernel-configs"
+    assert "the tables tuned for 256 slots serve 128" in why and os.environ["VLLM_TUNED_CONFIG_FOLDER"] == folder
+    served = vllm_reads_configs_from(folder)
+    assert {m: served("expand", 129, m, 14336, 16, 2, True) for m in (16, 512)} == many
+    assert served("shrink", 129, 512, 4096, 16, 3) == many_shrink
+    assert [list(json.loads(p.read_text())) for p in Path(folder).glob("*.json")] == [["129"]] * 3
+    # the same slots again: the folder already written is reused as it is
+    written = {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir()}
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")  # set by the call above; each server start chooses afresh
+    assert lora_kernels.use_config_folder(None, "NVIDIA H200", model, 16, max_loras=128)[0] == folder
+    assert {p.name: p.stat().st_mtime_ns for p in Path(folder).iterdir()} == written
+    assert lora_kernels.slot_table_key([17, 257], 32) == 257
+    # where vLLM's nearest key is already the choice: the shipped folder, nothing written
+    for slots in (8, 16, 256, 512):
+        monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+        assert lora_kernels.use_config_folder(None, "NVIDIA H200", model, 16, max_loras=slots) == (
+            packaged, "loraplex's configs tuned for NVIDIA H200 and this model's shapes")
+    assert sorted(p.name for p in (tmp_path / "home" / "lora-kernel-configs").iterdir()) == [Path(folder).name]
+
+
+def test_an_unwritable_home_leaves_vllms_own_table_choice(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.write_text("a file where the home folder should be")
+    monkeypatch.setenv("LORAPLEX_HOME", str(home))
+    folder, what = lora_kernels.serve_slot_tables(str(lora_kernels.PACKAGED_CONFIGS), "NVIDIA H200", 64)
+    assert (folder, what) == (str(lora_kernels.PACKAGED_CONFIGS), "")
