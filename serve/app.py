@@ -410,6 +410,23 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def event_loop_runner(choice: str = "auto"):
+    """What runs the server's main coroutine: `uvloop.run` for uvloop, and for auto where uvloop is installed
+    (vLLM depends on it on Linux, and its own server and uvicorn's `--loop auto` run on it); `asyncio.run`
+    otherwise. uvloop does the loop's callbacks and socket writes in C, but a streaming front end's time goes to
+    Python (routes, protocol models, SSE): on CPU it saved nothing per token (benchmarks/front_end.py)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise LoraplexError("--event-loop uvloop: uvloop is not installed",
+                                    hint="pip install uvloop, or pass --event-loop asyncio") from None
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
 async def run(config: ServeConfig) -> None:
     """Start the engine, load the registry, serve until SIGINT/SIGTERM, then stop the engine."""
     import uvicorn

@@ -88,6 +88,9 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     scan_interval: Annotated[float, typer.Option(
         help="Seconds between registry scans for new, replaced and removed adapters.")] = 2.0,
+    event_loop: Annotated[str, typer.Option(
+        help="The server's event loop: asyncio, uvloop (as vLLM's own server runs), or auto (uvloop where "
+        "installed).")] = "asyncio",
     dtype: Annotated[str, typer.Option(help="Model dtype for vLLM (auto, bfloat16, float16, float32).")] = "auto",
     seed: Annotated[int, typer.Option(help="Engine seed.")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to split each layer over.")] = 1,
@@ -107,8 +110,6 @@ def serve(
     log_requests: Annotated[bool, typer.Option(help="Log every request in the engine.")] = False,
 ) -> None:
     """Serve the base model and every registry adapter behind one OpenAI-compatible API."""
-    import asyncio
-
     from loraplex.models import resolve_base_model, served_name
     from loraplex.serve.config import ServeConfig, load_api_keys_file
     from loraplex.serve.managed import listen_address
@@ -128,7 +129,7 @@ def serve(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,
-        dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+        event_loop=event_loop, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size, distributed_executor_backend=distributed_executor_backend,
         platform=platform, gpu_memory_utilization=gpu_memory_utilization,
         kv_cache_gb=kv_cache_gb, enforce_eager=enforce_eager, log_requests=log_requests,
@@ -138,9 +139,9 @@ def serve(
     load_aliases(config.aliases_file)  # a broken aliases file fails here, before the engine starts
     _log_to_stderr()
 
-    from loraplex.serve.app import run
+    from loraplex.serve.app import event_loop_runner, run
 
-    asyncio.run(run(config))
+    event_loop_runner(config.event_loop)(run(config))
 
 
 def tune_lora_kernels(

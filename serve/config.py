@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,10 @@ class ServeConfig:
     """Largest max_tokens a request may ask for (`--max-tokens-limit`); more is a 400."""
     scan_interval: float = 2.0
     """Seconds between registry scans for new, replaced or removed adapters (`--scan-interval`)."""
+    event_loop: str = "asyncio"
+    """The server's event loop (`--event-loop`): asyncio, uvloop (as vLLM's own server runs), or auto (uvloop where
+    installed); serve/app.py `event_loop_runner`. asyncio by default: uvloop cost the front end as much CPU per
+    streamed token on CPU (BENCHMARKS.md, "CPU: the HTTP front end"); on a GPU host it is not measured yet."""
     dtype: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -110,6 +115,10 @@ class ServeConfig:
             out.append(f"--max-lora-rank {self.max_lora_rank} is above 512, the highest rank vLLM serves")
         if self.scan_interval <= 0:
             out.append(f"--scan-interval {self.scan_interval} must be positive")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            out.append(f"--event-loop {self.event_loop} must be auto, uvloop or asyncio")
+        elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            out.append("--event-loop uvloop: uvloop is not installed (pip install uvloop, or --event-loop auto)")
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             out.append(f"--distributed-executor-backend {self.distributed_executor_backend} must be mp or ray")
         if self.platform not in (None, "sagemaker", "vertex"):

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -213,14 +214,35 @@ def test_event_loop_lag_is_how_late_a_due_timer_runs():
 
 def test_config_lists_every_problem(tmp_path):
     config = _config(tmp_path, port=0, max_queue=0, api_keys=["short"], default_max_tokens=9000,
-                     max_loras=4, max_cpu_loras=2, aliases_file=tmp_path / "missing.yaml", pinned_reserve_gb=-1)
+                     max_loras=4, max_cpu_loras=2, aliases_file=tmp_path / "missing.yaml", pinned_reserve_gb=-1,
+                     event_loop="trio")
     problems = "\n".join(config.problems())
     for flag in ("--port", "--max-queue", "--api-key", "--default-max-tokens", "--max-cpu-loras", "--aliases",
-                 "--pinned-reserve-gb"):
+                 "--pinned-reserve-gb", "--event-loop trio must be auto, uvloop or asyncio"):
         assert flag in problems
     with pytest.raises(LoraplexError):
         config.check()
     assert _config(tmp_path).problems() == []
+
+
+def test_the_event_loop_is_asyncio_unless_uvloop_is_asked_for(tmp_path, monkeypatch):
+    import uvloop
+
+    from loraplex.serve.app import event_loop_runner
+
+    async def loop_kind():
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert _config(tmp_path).event_loop == "asyncio"
+    assert event_loop_runner("auto")(loop_kind()) == "uvloop"
+    assert event_loop_runner("uvloop") is uvloop.run
+    assert event_loop_runner("asyncio")(loop_kind()) == "asyncio"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed: auto falls back, uvloop is an error
+    assert event_loop_runner("auto") is asyncio.run
+    with pytest.raises(LoraplexError, match="uvloop is not installed") as e:
+        event_loop_runner("uvloop")
+    assert "--event-loop asyncio" in e.value.hint
+    assert any("uvloop is not installed" in p for p in _config(tmp_path, event_loop="uvloop").problems())
 
 
 def test_engine_args_reach_vllm(base_model_dir):
