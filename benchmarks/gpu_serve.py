@@ -646,7 +646,8 @@ def pair_summary(cases: list[dict]) -> dict:
     for metric in PAIR_METRICS:
         ratios: dict[str, list[tuple[int, float]]] = {}
         for (case, repeat), servers in by_burst.items():
-            if {"loraplex", "vllm"} <= set(servers) and servers["vllm"].get(metric):
+            # both figures recorded and above 0 (a burst of one-chunk streams has no pause to compare)
+            if {"loraplex", "vllm"} <= set(servers) and servers["vllm"].get(metric) and servers["loraplex"].get(metric):
                 ratios.setdefault(case, []).append((repeat, servers["loraplex"][metric] / servers["vllm"][metric]))
         every = [(repeat, r) for values in ratios.values() for repeat, r in values]
         later = [r for repeat, r in every if repeat > 0]

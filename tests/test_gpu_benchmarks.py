@@ -71,6 +71,9 @@ def test_paired_servers_alternate_and_compare_burst_by_burst():
     assert ttft["per_case"][0]["loraplex_over_vllm"] == [2.0, 1.0, 1.0]
     assert ttft["after_first_round"]["geomean"] == 1.0 and ttft["all_bursts"]["geomean"] == round(2 ** (1 / 3), 3)
     assert summary["max_gap_p50_ms"]["all_bursts"] is None  # not recorded in these bursts
+    cases[0]["max_gap_p50_ms"], cases[1]["max_gap_p50_ms"] = 0.0, 250.0  # one-chunk streams: no pause to compare
+    cases[2]["max_gap_p50_ms"], cases[3]["max_gap_p50_ms"] = 300.0, 150.0
+    assert gpu_serve.pair_summary(cases)["max_gap_p50_ms"]["per_case"][0]["loraplex_over_vllm"] == [0.5]
     base = ["bench", "--model-dir", "m", "--registry", "r", "--new-dir", "n", "--out", "o.json"]
     assert gpu_serve.parse_args([*base, "--server", "pair", "--repeats", "2"]).repeats == 2
     for bad in (["--cold"], ["--profile-cases", "8"], ["--repeats", "0"]):
