@@ -410,7 +410,7 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def event_loop_runner(choice: str = "auto"):
+def event_loop_runner(choice: str):
     """What runs the server's main coroutine: `uvloop.run` for uvloop, and for auto where uvloop is installed
     (vLLM depends on it on Linux, and its own server and uvicorn's `--loop auto` run on it); `asyncio.run`
     otherwise. uvloop does the loop's callbacks and socket writes in C, but a streaming front end's time goes to

@@ -118,7 +118,7 @@ class ServeConfig:
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
             out.append(f"--event-loop {self.event_loop} must be auto, uvloop or asyncio")
         elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            out.append("--event-loop uvloop: uvloop is not installed (pip install uvloop, or --event-loop auto)")
+            out.append("--event-loop uvloop: uvloop is not installed (pip install uvloop, or --event-loop asyncio)")
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             out.append(f"--distributed-executor-backend {self.distributed_executor_backend} must be mp or ray")
         if self.platform not in (None, "sagemaker", "vertex"):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -211,6 +212,7 @@ def serve_slot_tables(folder: str, gpu_name: str, max_loras: int) -> tuple[str, 
     out = loraplex_home() / "lora-kernel-configs" / f"{file_prefix(gpu_name)}-slots{max_loras}-{digest}"
     if out.is_dir():
         return str(out), what
+    staging = None
     try:  # written whole, then renamed: a server never reads a half-written table
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
@@ -218,6 +220,8 @@ def serve_slot_tables(folder: str, gpu_name: str, max_loras: int) -> tuple[str, 
             (staging / name).write_text(json.dumps({str(want): table[str(chosen[name])]}))
         os.replace(staging, out)
     except OSError as e:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if out.is_dir():  # another server wrote it first
             return str(out), what
         log.warning("could not write %s (%s): vLLM takes the table of the nearest slot count instead", out, e)

@@ -332,3 +332,8 @@ def test_an_unwritable_home_leaves_vllms_own_table_choice(monkeypatch, tmp_path)
     monkeypatch.setenv("LORAPLEX_HOME", str(home))
     folder, what = lora_kernels.serve_slot_tables(str(lora_kernels.PACKAGED_CONFIGS), "NVIDIA H200", 64)
     assert (folder, what) == (str(lora_kernels.PACKAGED_CONFIGS), "")
+    # a write that fails after the staging folder was made leaves nothing behind
+    home.unlink()
+    monkeypatch.setattr(lora_kernels.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    assert lora_kernels.serve_slot_tables(str(lora_kernels.PACKAGED_CONFIGS), "NVIDIA H200", 64)[1] == ""
+    assert list((home / "lora-kernel-configs").iterdir()) == []
