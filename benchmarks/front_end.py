@@ -9,8 +9,9 @@ that gives every live request one token per step, merging tokens a slow consumer
 output, as vLLM's per-request collector does. What vLLM's own output handler costs (detokenizing, in the same
 process) is not here: it is the same under loraplex's and vLLM's servers, and under either event loop.
 Clients run in other processes (`--client-processes`), so this process's CPU time is the front end's alone.
-Reported per loop: front-end CPU seconds per 1,000 streamed tokens, tokens/s, the event loop's lateness (a check
-due every 50 ms, as /metrics' `loraplex_event_loop_lag_seconds`), and the streams' longest pause between tokens.
+Reported per loop: front-end CPU seconds per 1,000 streamed tokens, tokens/s, the event loop's lateness (the
+server's own check behind /metrics' `loraplex_event_loop_lag_seconds`, due every 50 ms), and the streams' longest
+pause between tokens.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def serve(loop_name: str, port: int, step_s: float, ready, stop, result, profile
     import uvicorn
 
     from loraplex.serve.adapters import AdapterManager
-    from loraplex.serve.app import create_app, event_loop_runner, freeze_startup_heap
+    from loraplex.serve.app import create_app, event_loop_runner, freeze_startup_heap, measure_loop_lag
     from loraplex.serve.config import ServeConfig
     from loraplex.serve.metrics import Metrics
     from loraplex.serve.serving import Serving
@@ -106,18 +107,9 @@ def serve(loop_name: str, port: int, step_s: float, ready, stop, result, profile
         metrics = Metrics()
         serving = Serving(config, engine, VocabOnly(), AdapterManager(registry, engine, {}, 16), {}, metrics)
         metrics.bind(engine.get_num_unfinished_requests, lambda: 0, lambda: 0)
-        lags: list[float] = []
-
-        async def measure_lag() -> None:  # as serve/app.py's _measure_loop_lag, kept here in full
-            loop = asyncio.get_running_loop()
-            while True:
-                due = loop.time() + 0.05
-                await asyncio.sleep(0.05)
-                lags.append(max(0.0, loop.time() - due))
-
-        tasks = [asyncio.create_task(engine.run()), asyncio.create_task(measure_lag())]
+        lags: list[float] = []  # every check, as the server's histogram gets them (percentiles need them all)
+        tasks = [asyncio.create_task(engine.run()), asyncio.create_task(measure_loop_lag(lags.append))]
         server = uvicorn.Server(uvicorn.Config(create_app(serving), host="127.0.0.1", port=port, log_level="warning"))
-        server.install_signal_handlers = lambda: None
         serving_task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)

@@ -389,23 +389,22 @@ def _mtime(path: Path | None) -> int | None:
 LOOP_LAG_INTERVAL_S = 0.05
 
 
-async def _measure_loop_lag(metrics, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
-    """Observe, forever, how late a timer due every `interval_s` runs: the time the loop was held by other work
-    (a garbage collection, a handler that blocks), which every stream then waits too."""
+async def measure_loop_lag(observe, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Pass `observe`, forever, how late (seconds) a timer due every `interval_s` runs: the time the loop was held
+    by other work (a garbage collection, a handler that blocks), which every stream then waits too."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + interval_s
         await asyncio.sleep(interval_s)
-        metrics.loop_lag.observe(max(0.0, loop.time() - due))
+        observe(max(0.0, loop.time() - due))
 
 
 def freeze_startup_heap() -> None:
     """Leave what start-up built out of every later garbage collection. The imports (torch, transformers, vLLM)
     and the engine client make ~600,000 objects that live as long as the server, and each full collection walks
     them all while every stream waits: 300 ms on a 2-core CPU host. vLLM's own server freezes them for the same
-    reason. (On an H200, loraplex's streams paused 440-690 ms at the longest against 200-280 ms under vLLM's
-    server at the same throughput before this; whether collections were the cause is measured next:
-    BENCHMARKS.md, twelfth session.)"""
+    reason. On an H200 the streams' longest pause (median over a burst) fell from 478-810 ms to 254-442 ms with it
+    (BENCHMARKS.md, thirteenth session)."""
     gc.collect()
     gc.freeze()
 
@@ -465,7 +464,7 @@ async def run(config: ServeConfig) -> None:
         changed = asyncio.Event()
         scanner = asyncio.create_task(_rescan_forever(serving, config.scan_interval, changed))
         watchers = [asyncio.create_task(_watch_for_changes(config.adapters_dir, changed)),
-                    asyncio.create_task(_measure_loop_lag(metrics))]
+                    asyncio.create_task(measure_loop_lag(metrics.loop_lag.observe))]
         if config.aliases_file is not None:
             aliases_file = config.aliases_file.resolve()
             watchers.append(asyncio.create_task(_watch_for_changes(aliases_file.parent, changed, file=aliases_file)))

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from loraplex.errors import LoraplexError
 from loraplex.serve.adapters import AdapterManager, LoraSizing, round_up_rank, size_loras, version_key
 from loraplex.serve.aliases import parse_aliases
-from loraplex.serve.app import _measure_loop_lag, _param, freeze_startup_heap
+from loraplex.serve.app import _param, freeze_startup_heap, measure_loop_lag
 from loraplex.serve.config import ServeConfig
 from loraplex.serve.errors import APIError, error_body, model_not_found
 from loraplex.serve.metrics import Metrics
@@ -198,7 +198,7 @@ def test_event_loop_lag_is_how_late_a_due_timer_runs():
     metrics = Metrics()
 
     async def scenario():
-        task = asyncio.create_task(_measure_loop_lag(metrics, interval_s=0.01))
+        task = asyncio.create_task(measure_loop_lag(metrics.loop_lag.observe, interval_s=0.01))
         await asyncio.sleep(0.1)
         time.sleep(0.3)  # holds the loop, as a full garbage collection over a large heap would
         await asyncio.sleep(0.1)
