@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 from loraplex.errors import LoraplexError
 from loraplex.serve.adapters import LoraSizing
@@ -58,8 +60,8 @@ def specialize_active_lora(config: ServeConfig, *, cpu: bool, supported: bool) -
 
 
 # vLLM imports this class in its worker process (ParallelConfig.worker_extension_cls); importing its module is what
-# installs the compact LoRA grid there, where the kernels run
-COMPACT_LORA_GRID_WORKER = "loraplex.serve.lora_grid_worker.CompactLoRAGrid"
+# installs there what worker_setup_parts names (serve/worker_setup.py)
+WORKER_SETUP = "loraplex.serve.worker_setup.WorkerSetup"
 
 
 def compact_lora_grid(config: ServeConfig, *, cpu: bool) -> bool:
@@ -69,6 +71,31 @@ def compact_lora_grid(config: ServeConfig, *, cpu: bool) -> bool:
     if config.compact_lora_grid is not None:
         return config.compact_lora_grid
     return not cpu
+
+
+def worker_setup_parts(config: ServeConfig, *, cpu: bool) -> list[str]:
+    """What serve/worker_setup.py installs in vLLM's worker for this server ($LORAPLEX_WORKER_SETUP's parts)."""
+    parts = ["compact-grid"] if compact_lora_grid(config, cpu=cpu) else []
+    if config.pin_adapters == "in-background":
+        parts.append("pin-in-background")
+    return parts
+
+
+@contextlib.contextmanager
+def worker_setup_environment(parts: list[str]):
+    """$LORAPLEX_WORKER_SETUP in the environment of the engine processes started inside (they inherit it when
+    spawned); this process's environment is restored afterwards."""
+    from loraplex.serve.worker_setup import SETUP_VAR
+
+    before = os.environ.get(SETUP_VAR)
+    os.environ[SETUP_VAR] = ",".join(parts)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SETUP_VAR, None)
+        else:
+            os.environ[SETUP_VAR] = before
 
 
 def warmup_wanted(config: ServeConfig, *, cpu: bool) -> bool:
@@ -109,8 +136,8 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
                                                                                         "specialize_active_lora")),
     )
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    if compact_lora_grid(config, cpu=cpu):
-        kwargs["worker_extension_cls"] = COMPACT_LORA_GRID_WORKER
+    if worker_setup_parts(config, cpu=cpu):
+        kwargs["worker_extension_cls"] = WORKER_SETUP
     kv_cache_gb = config.kv_cache_gb if config.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if cpu else None)
     if kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
@@ -149,15 +176,16 @@ def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_d
     reserve_mib, why = pinned_memory.plan(config, loras, list(adapter_dirs), base_modules or {}, cpu=cpu)
     use_lora_kernel_configs(config, loras, cpu=cpu)
     args = engine_args_from(config, loras, cpu=cpu)
+    setup = worker_setup_parts(config, cpu=cpu)
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, "
-             "specialize_active_lora=%s, compact_lora_grid=%s)", config.model_path, loras.max_loras,
+             "specialize_active_lora=%s, in vLLM's worker: %s)", config.model_path, loras.max_loras,
              loras.max_cpu_loras, loras.max_lora_rank, getattr(args, "specialize_active_lora", None),
-             args.worker_extension_cls == COMPACT_LORA_GRID_WORKER)
+             ", ".join(setup) or "nothing of loraplex's")
     log.info("pinned host memory reserved for adapter loads: %s", f"{reserve_mib} MiB, {why}" if reserve_mib else why)
     # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
     # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
     # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.
-    with pinned_memory.engine_process_environment(reserve_mib):
+    with pinned_memory.engine_process_environment(reserve_mib), worker_setup_environment(setup):
         return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 

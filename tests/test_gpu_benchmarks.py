@@ -184,7 +184,7 @@ def test_server_commands_share_lora_settings(tmp_path):
     assert vllm[-2:] == [f"a000={tmp_path / 'a000'}", f"a001={tmp_path / 'a001'}"]
     # the kernels loraplex runs on a GPU: grids per active-adapter count, and its compact grid in vLLM's worker
     assert "--specialize-active-lora" in vllm
-    assert vllm[vllm.index("--worker-extension-cls") + 1] == "loraplex.serve.lora_grid_worker.CompactLoRAGrid"
+    assert vllm[vllm.index("--worker-extension-cls") + 1] == "loraplex.serve.worker_setup.WorkerSetup"
     lp = gpu_serve.server_command(gpu_serve.parse_args(["bench", "--server", "loraplex", "--max-loras", "64", *common]),
                                   8002, [], sizing)
     assert lp[1:4] == ["-m", "loraplex", "serve"] and lp[lp.index("--max-loras") + 1] == "64"

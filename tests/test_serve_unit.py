@@ -287,14 +287,43 @@ def test_lora_grids_follow_the_active_adapters_where_cuda_graphs_run(tmp_path):
 
 
 def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
-    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER, engine_args_from
+    from loraplex.serve.engine import WORKER_SETUP, engine_args_from, worker_setup_parts
 
     loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
-    assert engine_args_from(_config(tmp_path), loras, cpu=False).worker_extension_cls == COMPACT_LORA_GRID_WORKER
+    assert engine_args_from(_config(tmp_path), loras, cpu=False).worker_extension_cls == WORKER_SETUP
+    assert worker_setup_parts(_config(tmp_path), cpu=False) == ["compact-grid"]
     assert not engine_args_from(_config(tmp_path), loras, cpu=True).worker_extension_cls
     assert not engine_args_from(_config(tmp_path, compact_lora_grid=False), loras, cpu=False).worker_extension_cls
     assert engine_args_from(_config(tmp_path, compact_lora_grid=True), loras,
-                            cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
+                            cpu=True).worker_extension_cls == WORKER_SETUP
+
+
+def test_pinning_in_background_is_asked_of_vllms_worker_only_when_chosen(tmp_path):
+    from loraplex.serve.engine import WORKER_SETUP, engine_args_from, worker_setup_parts
+
+    loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
+    background = _config(tmp_path, pin_adapters="in-background")
+    assert worker_setup_parts(background, cpu=False) == ["compact-grid", "pin-in-background"]
+    # without the compact grid the worker extension is still named, for the pinning alone
+    alone = _config(tmp_path, pin_adapters="in-background", compact_lora_grid=False)
+    assert worker_setup_parts(alone, cpu=False) == ["pin-in-background"]
+    assert engine_args_from(alone, loras, cpu=False).worker_extension_cls == WORKER_SETUP
+    with pytest.raises(LoraplexError, match="--pin-adapters sometimes must be on-load or in-background"):
+        _config(tmp_path, pin_adapters="sometimes").check()
+
+
+def test_worker_setup_reaches_the_engine_processes_environment_and_is_restored(monkeypatch):
+    from loraplex.serve.engine import worker_setup_environment
+    from loraplex.serve.worker_setup import SETUP_VAR
+
+    monkeypatch.setenv(SETUP_VAR, "before")
+    with worker_setup_environment(["compact-grid", "pin-in-background"]):
+        assert os.environ[SETUP_VAR] == "compact-grid,pin-in-background"
+    assert os.environ[SETUP_VAR] == "before"
+    monkeypatch.delenv(SETUP_VAR)
+    with worker_setup_environment([]):
+        assert os.environ[SETUP_VAR] == ""  # set but empty: the worker installs nothing (unset means the grid)
+    assert SETUP_VAR not in os.environ
 
 
 def test_warmup_runs_by_default_on_gpus_only(tmp_path):
