@@ -70,6 +70,7 @@ def test_paired_servers_alternate_and_compare_burst_by_burst():
     ttft = summary["ttft_p50_ms"]
     assert ttft["per_case"][0]["loraplex_over_vllm"] == [2.0, 1.0, 1.0]
     assert ttft["after_first_round"]["geomean"] == 1.0 and ttft["all_bursts"]["geomean"] == round(2 ** (1 / 3), 3)
+    assert set(summary) == {"out_tok_s", "ttft_p50_ms", "ttft_p99_ms", "max_gap_p50_ms", "max_gap_max_ms"}
     assert summary["max_gap_p50_ms"]["all_bursts"] is None  # not recorded in these bursts
     cases[0]["max_gap_p50_ms"], cases[1]["max_gap_p50_ms"] = 0.0, 250.0  # one-chunk streams: no pause to compare
     cases[2]["max_gap_p50_ms"], cases[3]["max_gap_p50_ms"] = 300.0, 150.0
