@@ -10,8 +10,8 @@ output, as vLLM's per-request collector does. What vLLM's own output handler cos
 process) is not here: it is the same under loraplex's and vLLM's servers, and under either event loop.
 Clients run in other processes (`--client-processes`), so this process's CPU time is the front end's alone.
 Reported per loop: front-end CPU seconds per 1,000 streamed tokens, tokens/s, the event loop's lateness (the
-server's own check behind /metrics' `loraplex_event_loop_lag_seconds`, due every 50 ms), and the streams' longest
-pause between tokens.
+server's own check behind /metrics' `loraplex_event_loop_lag_seconds`, due every 50 ms), the garbage collections'
+pauses (the server's `loraplex_gc_pause_seconds`), and the streams' longest pause between tokens.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def serve(loop_name: str, port: int, step_s: float, ready, stop, result, profile
     import uvicorn
 
     from loraplex.serve.adapters import AdapterManager
-    from loraplex.serve.app import create_app, event_loop_runner, freeze_startup_heap, measure_loop_lag
+    from loraplex.serve.app import (create_app, event_loop_runner, freeze_startup_heap, measure_loop_lag,
+                                    watch_gc_pauses)
     from loraplex.serve.config import ServeConfig
     from loraplex.serve.metrics import Metrics
     from loraplex.serve.serving import Serving
@@ -113,19 +114,25 @@ def serve(loop_name: str, port: int, step_s: float, ready, stop, result, profile
         serving_task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
+        gc_pauses: list[tuple[int, float]] = []
+        watch_gc_pauses(lambda generation, seconds: gc_pauses.append((generation, seconds)))
         freeze_startup_heap()
         ready.set()
         while engine.steps == 0 or not engine.live:  # the burst has begun
             await asyncio.sleep(0.001)
         cpu0, wall0, lags_before, steps0 = time.process_time(), time.monotonic(), len(lags), engine.steps
+        gcs_before = len(gc_pauses)
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         burst_lags = lags[lags_before:]
+        full = [seconds for generation, seconds in gc_pauses[gcs_before:] if generation == 2]
         result.put({"front_end_cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "steps": engine.steps - steps0,
                     "loop_lag_p50_ms": round(1000 * statistics.median(burst_lags), 1),
                     "loop_lag_p99_ms": round(1000 * sorted(burst_lags)[int(0.99 * (len(burst_lags) - 1))], 1),
                     "loop_lag_max_ms": round(1000 * max(burst_lags), 1),
-                    "loop_stalls_over_100ms": sum(lag > 0.1 for lag in burst_lags)})
+                    "loop_stalls_over_100ms": sum(lag > 0.1 for lag in burst_lags),
+                    "gc_pause_total_ms": round(1000 * sum(s for _, s in gc_pauses[gcs_before:]), 1),
+                    "full_gcs": len(full), "full_gc_max_ms": round(1000 * max(full, default=0.0), 1)})
         server.should_exit = True
         await serving_task
         for task in tasks:

@@ -213,13 +213,15 @@ RUNNING_METRIC, WAITING_METRIC = "vllm:num_requests_running", "vllm:num_requests
 # Counters of the server's own process that both servers export (prometheus_client's default GC collector) and
 # loraplex's event-loop lag histogram: deltas over a burst say whether its HTTP process stopped, and for what.
 FULL_GC_METRIC, LOOP_LAG_METRIC = "python_gc_collections_total", "loraplex_event_loop_lag_seconds"
+GC_PAUSE_METRIC = "loraplex_gc_pause_seconds"  # loraplex: how long its collections held the loop, by generation
 LOOP_STALL_S = "0.1"  # a lag over this (a histogram bucket's bound) counts as a stall
 
 
 def server_metrics(metrics_text: str) -> dict[str, float]:
     """From a Prometheus /metrics page: the engine's running and waiting requests (vLLM's gauges, which
     `loraplex serve` also exports, summed over label sets), the front end's full garbage collections so far, and
-    (loraplex) its event-loop lag checks and those later than LOOP_STALL_S so far; absent metrics are left out."""
+    (loraplex) the seconds they held its event loop, its event-loop lag checks and those later than LOOP_STALL_S so
+    far; absent metrics are left out."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {RUNNING_METRIC: "running", WAITING_METRIC: "waiting"}
@@ -231,6 +233,8 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
                 found[wanted[sample.name]] = found.get(wanted[sample.name], 0.0) + sample.value
             elif sample.name == FULL_GC_METRIC and sample.labels.get("generation") == "2":
                 found["full_gcs"] = sample.value
+            elif sample.name == GC_PAUSE_METRIC + "_sum" and sample.labels.get("generation") == "2":
+                found["full_gc_s"] = sample.value
             elif sample.name == LOOP_LAG_METRIC + "_count":
                 lag_checks = sample.value
             elif sample.name == LOOP_LAG_METRIC + "_bucket" and sample.labels.get("le") == LOOP_STALL_S:
@@ -307,12 +311,15 @@ class BurstSampler:
                 out[f"{key}_mean"] = round(sum(values) / len(values), 1)
                 out[f"{key}_max"] = max(values)
         # counters: from the last sample before the burst to the first after it
-        for key, name in (("full_gcs", "front_end_full_gcs"), ("loop_stalls", "front_end_stalls_over_100ms")):
+        for key, name, scale in (("full_gcs", "front_end_full_gcs", None),
+                                 ("full_gc_s", "front_end_full_gc_ms", 1000),
+                                 ("loop_stalls", "front_end_stalls_over_100ms", None)):
             counted = [(t, q[key]) for t, q in self.queue if key in q]
             before = [value for t, value in counted if t <= start]
             after = [value for t, value in counted if t >= end]
             if before and after:
-                out[name] = int(after[0] - before[-1])
+                delta = after[0] - before[-1]
+                out[name] = int(delta) if scale is None else round(delta * scale, 1)
         cpu = [(t, seconds) for t, seconds in self.cpu if start <= t <= end]
         if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]:
             span = cpu[-1][0] - cpu[0][0]

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -399,6 +400,21 @@ async def measure_loop_lag(observe, interval_s: float = LOOP_LAG_INTERVAL_S) -> 
         observe(max(0.0, loop.time() - due))
 
 
+def watch_gc_pauses(observe):
+    """Pass `observe(generation, seconds)` every garbage collection of this process as it ends: the time it held
+    the event loop, which every stream waits too. Returns the gc callback (to remove it with gc.callbacks.remove)."""
+    started: list[float] = []
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            observe(info["generation"], time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_collection)
+    return on_collection
+
+
 def freeze_startup_heap() -> None:
     """Leave what start-up built out of every later garbage collection. The imports (torch, transformers, vLLM)
     and the engine client make ~600,000 objects that live as long as the server, and each full collection walks
@@ -468,6 +484,7 @@ async def run(config: ServeConfig) -> None:
         if config.aliases_file is not None:
             aliases_file = config.aliases_file.resolve()
             watchers.append(asyncio.create_task(_watch_for_changes(aliases_file.parent, changed, file=aliases_file)))
+        watch_gc_pauses(lambda generation, seconds: metrics.gc_pause.labels(str(generation)).observe(seconds))
         freeze_startup_heap()
         log.info("serving %s and %d adapter(s) on http://%s:%d", config.served_name, len(adapters.current),
                  config.host, config.port)

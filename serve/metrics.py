@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_GC_PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
@@ -40,6 +41,10 @@ class Metrics:
         self.loop_lag = Histogram("loraplex_event_loop_lag_seconds",
                                   "How late the server's event loop ran a timer that was due: every stream waits as "
                                   "long (a garbage collection, a slow handler).", buckets=_LOOP_LAG_BUCKETS, registry=r)
+        self.gc_pause = Histogram("loraplex_gc_pause_seconds",
+                                  "How long each garbage collection of the server's process held its event loop, by "
+                                  "generation (2: a full collection).", ["generation"], buckets=_GC_PAUSE_BUCKETS,
+                                  registry=r)
 
     def bind(self, engine_unfinished, adapters_loaded, adapters_unavailable) -> None:
         """Gauges read at scrape time from the live objects."""

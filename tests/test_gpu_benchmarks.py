@@ -133,9 +133,14 @@ def test_burst_samples_count_only_the_bursts_own_span():
                'loraplex_event_loop_lag_seconds_bucket{le="0.1"} 97.0\n'
                'loraplex_event_loop_lag_seconds_bucket{le="+Inf"} 100.0\n'
                'loraplex_event_loop_lag_seconds_count 100.0\n'
-               'loraplex_event_loop_lag_seconds_sum 2.5\n')
+               'loraplex_event_loop_lag_seconds_sum 2.5\n'
+               '# TYPE loraplex_gc_pause_seconds histogram\n'
+               'loraplex_gc_pause_seconds_count{generation="0"} 900.0\n'
+               'loraplex_gc_pause_seconds_sum{generation="0"} 0.4\n'
+               'loraplex_gc_pause_seconds_count{generation="2"} 7.0\n'
+               'loraplex_gc_pause_seconds_sum{generation="2"} 0.35\n')
     assert gpu_serve.server_metrics(metrics) == {"running": 36.0, "waiting": 400.0, "full_gcs": 7.0,
-                                                 "loop_stalls": 3.0}
+                                                 "full_gc_s": 0.35, "loop_stalls": 3.0}
     assert gpu_serve.server_metrics("loraplex_requests_in_flight 3.0\n") == {}
 
     sampler = gpu_serve.BurstSampler("http://127.0.0.1:9")
@@ -148,8 +153,11 @@ def test_burst_samples_count_only_the_bursts_own_span():
     sampler.queue = [(9.0, {"full_gcs": 1.0, "loop_stalls": 0.0}), (9.6, {"full_gcs": 2.0, "loop_stalls": 1.0}),
                      (11.0, {"full_gcs": 3.0, "loop_stalls": 2.0}), (12.1, {"full_gcs": 5.0, "loop_stalls": 4.0}),
                      (12.6, {"full_gcs": 9.0, "loop_stalls": 9.0})]
+    for (_, counters), full_gc_s in zip(sampler.queue, (0.01, 0.02, 0.05, 0.1225, 0.3)):
+        counters["full_gc_s"] = full_gc_s
     summary = sampler.summary(records)
     assert (summary["front_end_full_gcs"], summary["front_end_stalls_over_100ms"]) == (3, 3)
+    assert summary["front_end_full_gc_ms"] == 102.5
     assert sampler.summary([]) == {}
     # CPU: (front end, engine core) seconds so far; 1.6 s apart inside the burst, 0.4 and 1.6 s used
     sampler.cpu = [(9.0, (0.0, 0.0)), (10.2, (1.0, 2.0)), (11.8, (1.4, 3.6)), (12.5, (9.0, 9.0))]

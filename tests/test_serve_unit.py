@@ -180,6 +180,22 @@ def _config(tmp_path, **kw) -> ServeConfig:
     return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
 
 
+def test_every_collection_reports_its_generation_and_pause():
+    from loraplex.serve.app import watch_gc_pauses
+
+    seen = []
+    callback = watch_gc_pauses(lambda generation, seconds: seen.append((generation, seconds)))
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(callback)
+    assert [generation for generation, _ in seen][-2:] == [0, 2] and all(s >= 0 for _, s in seen)
+    reported = len(seen)
+    gc.collect()
+    assert len(seen) == reported  # removed: reports no more
+
+
 def test_server_start_leaves_its_heap_out_of_later_collections():
     """What exists when the server starts serving is frozen: later full collections skip it."""
     built_at_start = {"objects": [object() for _ in range(1000)]}
