@@ -5,9 +5,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 
 from loraplex.errors import LoraplexError
 from loraplex.serve.adapters import LoraSizing
@@ -79,23 +77,6 @@ def worker_setup_parts(config: ServeConfig, *, cpu: bool) -> list[str]:
     if config.pin_adapters == "in-background":
         parts.append("pin-in-background")
     return parts
-
-
-@contextlib.contextmanager
-def worker_setup_environment(parts: list[str]):
-    """$LORAPLEX_WORKER_SETUP in the environment of the engine processes started inside (they inherit it when
-    spawned); this process's environment is restored afterwards."""
-    from loraplex.serve.worker_setup import SETUP_VAR
-
-    before = os.environ.get(SETUP_VAR)
-    os.environ[SETUP_VAR] = ",".join(parts)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(SETUP_VAR, None)
-        else:
-            os.environ[SETUP_VAR] = before
 
 
 def warmup_wanted(config: ServeConfig, *, cpu: bool) -> bool:
@@ -185,7 +166,9 @@ def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_d
     # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
     # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
     # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.
-    with pinned_memory.engine_process_environment(reserve_mib), worker_setup_environment(setup):
+    from loraplex.serve.worker_setup import SETUP_VAR
+
+    with pinned_memory.engine_process_environment(reserve_mib, **{SETUP_VAR: ",".join(setup)}):
         return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 

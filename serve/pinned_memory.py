@@ -119,22 +119,24 @@ def allocator_conf_var() -> str:
 
 
 @contextlib.contextmanager
-def engine_process_environment(mib: int):
+def engine_process_environment(mib: int, **variables: str):
     """The reserve in the allocator settings of the processes started inside (the engine core and its workers
-    inherit the environment when they are spawned); this process's environment is restored afterwards."""
-    if mib <= 0:
-        yield
-        return
-    var = allocator_conf_var()
-    before = os.environ.get(var)
-    os.environ[var] = ",".join(filter(None, [before, f"{RESERVE_KEY}:{mib}"]))
+    inherit the environment when they are spawned), and `variables` besides (serve/engine.py adds the worker's
+    setup); this process's environment is restored afterwards."""
+    changes = dict(variables)
+    if mib > 0:
+        var = allocator_conf_var()
+        changes[var] = ",".join(filter(None, [os.environ.get(var), f"{RESERVE_KEY}:{mib}"]))
+    before = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bool) -> tuple[int, str]:

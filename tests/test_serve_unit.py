@@ -329,15 +329,15 @@ def test_pinning_in_background_is_asked_of_vllms_worker_only_when_chosen(tmp_pat
 
 
 def test_worker_setup_reaches_the_engine_processes_environment_and_is_restored(monkeypatch):
-    from loraplex.serve.engine import worker_setup_environment
+    from loraplex.serve.pinned_memory import engine_process_environment
     from loraplex.serve.worker_setup import SETUP_VAR
 
     monkeypatch.setenv(SETUP_VAR, "before")
-    with worker_setup_environment(["compact-grid", "pin-in-background"]):
+    with engine_process_environment(0, **{SETUP_VAR: "compact-grid,pin-in-background"}):
         assert os.environ[SETUP_VAR] == "compact-grid,pin-in-background"
     assert os.environ[SETUP_VAR] == "before"
     monkeypatch.delenv(SETUP_VAR)
-    with worker_setup_environment([]):
+    with engine_process_environment(0, **{SETUP_VAR: ""}):
         assert os.environ[SETUP_VAR] == ""  # set but empty: the worker installs nothing (unset means the grid)
     assert SETUP_VAR not in os.environ
 
@@ -592,13 +592,18 @@ def test_engine_process_gets_the_pinned_reserve_and_this_process_keeps_its_envir
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     seen = {}
+    monkeypatch.delenv("LORAPLEX_WORKER_SETUP", raising=False)
     monkeypatch.setattr(AsyncLLM, "from_engine_args",
-                        classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"])))
-    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
+                        classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"],
+                                                                        setup=os.environ["LORAPLEX_WORKER_SETUP"])))
+    eng.build_engine(_config(base_model_dir, pin_adapters="in-background"),
+                     LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
                      cpu=False, adapter_dirs=[adapter], base_modules={})  # as on a GPU machine
     # 4 adapters x (16 x 14,336 and 4,096 x 16 bf16, each rounded up to a power of 2: 512 KiB + 128 KiB) + margin
     assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:514"
+    assert seen["setup"] == "compact-grid,pin-in-background"  # what vLLM's worker installs (serve/worker_setup.py)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "LORAPLEX_WORKER_SETUP" not in os.environ
 
 
 def test_pinned_reserve_sizing():
