@@ -9,7 +9,7 @@ carves later pinned allocations from it. The engine's process gets a segment siz
 holds; loraplex's own process pins nothing and gets none.
 
 Pinning in the background (`--pin-adapters in-background`, installed in vLLM's worker by serve/worker_setup.py):
-a first request that races an adapter's publish waits for the whole load, pinning included (49-127 ms in the
+a first request that races an adapter's publish waits for the whole load, pinning included (53-127 ms in the
 server's log, thirteenth and fourteenth sessions), although vLLM's load without pinning took 9-11 ms on the same
 kind of machine. There an adapter enters vLLM's CPU cache unpinned, its first copy into a GPU slot is a
 synchronous one from pageable memory, and one background thread then swaps each of its tensors for a pinned copy,
