@@ -244,10 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     settings = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
-    for name in SIZED_RESERVE:
-        if name in settings:
-            held = args.preload + engine_needed + args.slots
-            settings[name] = f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, held)}"
+    sized = [name for name in SIZED_RESERVE if name in settings]
+    if sized:  # one reading of every adapter's header for both settings
+        held = args.preload + engine_needed + args.slots
+        setting = f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, held)}"
+        settings.update(dict.fromkeys(sized, setting))
     children = settings
     if args.only:
         unknown = set(args.only.split(",")) - set(settings)

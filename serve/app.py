@@ -484,7 +484,7 @@ async def run(config: ServeConfig) -> None:
         if config.aliases_file is not None:
             aliases_file = config.aliases_file.resolve()
             watchers.append(asyncio.create_task(_watch_for_changes(aliases_file.parent, changed, file=aliases_file)))
-        watch_gc_pauses(lambda generation, seconds: metrics.gc_pause.labels(str(generation)).observe(seconds))
+        watch_gc_pauses(metrics.observe_gc_pause)
         freeze_startup_heap()
         log.info("serving %s and %d adapter(s) on http://%s:%d", config.served_name, len(adapters.current),
                  config.host, config.port)

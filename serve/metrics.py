@@ -45,6 +45,11 @@ class Metrics:
                                   "How long each garbage collection of the server's process held its event loop, by "
                                   "generation (2: a full collection).", ["generation"], buckets=_GC_PAUSE_BUCKETS,
                                   registry=r)
+        # one child per generation, made once: the observation runs inside every collection, thousands a second
+        self._gc_pause_by_generation = [self.gc_pause.labels(str(generation)) for generation in range(3)]
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self._gc_pause_by_generation[generation].observe(seconds)
 
     def bind(self, engine_unfinished, adapters_loaded, adapters_unavailable) -> None:
         """Gauges read at scrape time from the live objects."""

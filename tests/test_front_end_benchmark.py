@@ -22,4 +22,4 @@ def test_every_token_reaches_every_stream_under_both_loops(tmp_path):
         assert row["tokens"] == 12 * 9  # nothing lost or doubled when the stand-in merges late tokens
         assert row["steps"] >= 9 and row["front_end_cpu_s"] > 0 and row["front_end_cpu_s_per_1k_tokens"] > 0
         assert 0 <= row["loop_lag_p50_ms"] <= row["loop_lag_max_ms"]
-        assert {"full_gcs", "full_gc_max_ms", "gc_pause_total_ms"} <= set(row)
+        assert 0 <= row["full_gc_max_ms"] <= row["gc_pause_total_ms"] and row["full_gcs"] >= 0

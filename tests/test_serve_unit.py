@@ -196,6 +196,19 @@ def test_every_collection_reports_its_generation_and_pause():
     assert len(seen) == reported  # removed: reports no more
 
 
+def test_gc_pauses_reach_the_metrics_by_generation():
+    from loraplex.serve.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_gc_pause(2, 0.03)
+    metrics.observe_gc_pause(0, 0.002)
+    text = metrics.render().decode()
+    assert 'loraplex_gc_pause_seconds_count{generation="2"} 1.0' in text
+    assert 'loraplex_gc_pause_seconds_bucket{generation="2",le="0.025"} 0.0' in text
+    assert 'loraplex_gc_pause_seconds_bucket{generation="2",le="0.05"} 1.0' in text
+    assert 'loraplex_gc_pause_seconds_count{generation="0"} 1.0' in text
+
+
 def test_server_start_leaves_its_heap_out_of_later_collections():
     """What exists when the server starts serving is frozen: later full collections skip it."""
     built_at_start = {"objects": [object() for _ in range(1000)]}

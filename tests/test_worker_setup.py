@@ -49,7 +49,7 @@ def test_install_runs_each_named_part_and_skips_unknown_ones_with_a_warning(monk
 def test_importing_the_setup_in_a_cpu_worker_installs_what_the_environment_names():
     """The import is what vLLM's worker does; on CPU the pinning part says why it changes nothing."""
     code = ("import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
-            "import loraplex.serve.worker_setup; from vllm.lora import lora_model; print('PIN', lora_model.PIN_MEMORY)")
+            "import loraplex.serve.worker_setup")
     env = {**os.environ, worker_setup.SETUP_VAR: "pin-in-background"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
