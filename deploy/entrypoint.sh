@@ -13,7 +13,7 @@ set -euo pipefail
 VALUE_FLAGS="base-model adapters-dir host port platform aliases allowed-adapter-root max-loras max-cpu-loras
   max-lora-rank max-model-len max-num-seqs max-queue max-request-bytes default-max-tokens max-tokens-limit
   scan-interval dtype seed tensor-parallel-size pipeline-parallel-size distributed-executor-backend
-  gpu-memory-utilization kv-cache-gb lora-kernel-configs pinned-reserve-gb pin-adapters event-loop"
+  gpu-memory-utilization kv-cache-gb lora-kernel-configs pinned-reserve-gb event-loop"
 SWITCH_FLAGS="enforce-eager log-requests"
 ON_OFF_FLAGS="specialize-active-lora compact-lora-grid warmup"
 

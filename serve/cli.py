@@ -73,10 +73,6 @@ def serve(
         "adapter's load skips pinning fresh memory (on an H200 machine 63 ms instead of 119 for an 8B model's "
         "rank-16 adapter); 0 for none. Default on CUDA GPUs: enough for --max-cpu-loras adapters of the "
         "registry's largest, at most half the host's memory.")] = None,
-    pin_adapters: Annotated[str, typer.Option(
-        help="When a loaded adapter's host copy is pinned: on-load, as vLLM does (a first request waits for it), "
-        "or in-background (loaded unpinned, copied into its GPU slot synchronously, pinned afterwards by a thread "
-        "of vLLM's worker; CUDA GPUs, not yet measured on one).")] = "on-load",
     lora_kernel_configs: Annotated[Optional[str], typer.Option(
         help="Folder of tuned LoRA kernel configs (what `loraplex tune-lora-kernels --out` writes), or none for "
         "vLLM's defaults. Default: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where they were "
@@ -129,7 +125,7 @@ def serve(
         allowed_adapter_roots=[p.expanduser() for p in allowed_adapter_root or []], aliases_file=aliases,
         max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
         specialize_active_lora=specialize_active_lora, compact_lora_grid=compact_lora_grid, warmup=warmup,
-        lora_kernel_configs=lora_kernel_configs, pinned_reserve_gb=pinned_reserve_gb, pin_adapters=pin_adapters,
+        lora_kernel_configs=lora_kernel_configs, pinned_reserve_gb=pinned_reserve_gb,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_queue=max_queue, max_request_bytes=max_request_bytes,
         default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, scan_interval=scan_interval,

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from loraplex.errors import LoraplexError
 
-PIN_ADAPTERS_CHOICES = ("on-load", "in-background")
-
 
 @dataclass
 class ServeConfig:
@@ -53,11 +51,6 @@ class ServeConfig:
     """Pinned host memory (GiB) set aside in the engine's process for the adapters it loads
     (`--pinned-reserve-gb`, serve/pinned_memory.py); 0: none. None: on CUDA GPUs, enough for --max-cpu-loras
     adapters of the registry's largest, at most half the host's memory."""
-    pin_adapters: str = "on-load"
-    """When vLLM pins a loaded adapter's host copy (`--pin-adapters`, serve/pinned_memory.py): on-load, as vLLM
-    does (a first request waits for the pinning), or in-background (loaded unpinned, its first move into a GPU slot
-    a synchronous copy, pinned afterwards in a thread of vLLM's worker). on-load until in-background is measured
-    on a GPU."""
     lora_kernel_configs: str | None = None
     """Folder of tuned LoRA kernel configs for vLLM (`--lora-kernel-configs`, as `loraplex tune-lora-kernels` writes
     them), or "none" for vLLM's defaults. None: $VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's own configs where
@@ -134,8 +127,6 @@ class ServeConfig:
             out.append(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
         if self.pinned_reserve_gb is not None and self.pinned_reserve_gb < 0:
             out.append(f"--pinned-reserve-gb {self.pinned_reserve_gb} must be 0 (none) or positive")
-        if self.pin_adapters not in PIN_ADAPTERS_CHOICES:
-            out.append(f"--pin-adapters {self.pin_adapters} must be {' or '.join(PIN_ADAPTERS_CHOICES)}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             out.append(f"--kv-cache-gb {self.kv_cache_gb} must be positive")
         if self.aliases_file is not None and not self.aliases_file.is_file():

@@ -58,8 +58,8 @@ def specialize_active_lora(config: ServeConfig, *, cpu: bool, supported: bool) -
 
 
 # vLLM imports this class in its worker process (ParallelConfig.worker_extension_cls); importing its module is what
-# installs there what worker_setup_parts names (serve/worker_setup.py)
-WORKER_SETUP = "loraplex.serve.worker_setup.WorkerSetup"
+# installs the compact LoRA grid there, where the kernels run
+COMPACT_LORA_GRID_WORKER = "loraplex.serve.lora_grid_worker.CompactLoRAGrid"
 
 
 def compact_lora_grid(config: ServeConfig, *, cpu: bool) -> bool:
@@ -69,14 +69,6 @@ def compact_lora_grid(config: ServeConfig, *, cpu: bool) -> bool:
     if config.compact_lora_grid is not None:
         return config.compact_lora_grid
     return not cpu
-
-
-def worker_setup_parts(config: ServeConfig, *, cpu: bool) -> list[str]:
-    """What serve/worker_setup.py installs in vLLM's worker for this server ($LORAPLEX_WORKER_SETUP's parts)."""
-    parts = ["compact-grid"] if compact_lora_grid(config, cpu=cpu) else []
-    if config.pin_adapters == "in-background":
-        parts.append("pin-in-background")
-    return parts
 
 
 def warmup_wanted(config: ServeConfig, *, cpu: bool) -> bool:
@@ -117,8 +109,8 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
                                                                                         "specialize_active_lora")),
     )
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    if worker_setup_parts(config, cpu=cpu):
-        kwargs["worker_extension_cls"] = WORKER_SETUP
+    if compact_lora_grid(config, cpu=cpu):
+        kwargs["worker_extension_cls"] = COMPACT_LORA_GRID_WORKER
     kv_cache_gb = config.kv_cache_gb if config.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if cpu else None)
     if kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
@@ -157,18 +149,15 @@ def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_d
     reserve_mib, why = pinned_memory.plan(config, loras, list(adapter_dirs), base_modules or {}, cpu=cpu)
     use_lora_kernel_configs(config, loras, cpu=cpu)
     args = engine_args_from(config, loras, cpu=cpu)
-    setup = worker_setup_parts(config, cpu=cpu)
     log.info("starting vLLM engine for %s (max_loras=%d, max_cpu_loras=%d, max_lora_rank=%d, "
-             "specialize_active_lora=%s, in vLLM's worker: %s)", config.model_path, loras.max_loras,
+             "specialize_active_lora=%s, compact_lora_grid=%s)", config.model_path, loras.max_loras,
              loras.max_cpu_loras, loras.max_lora_rank, getattr(args, "specialize_active_lora", None),
-             ", ".join(setup) or "nothing of loraplex's")
+             args.worker_extension_cls == COMPACT_LORA_GRID_WORKER)
     log.info("pinned host memory reserved for adapter loads: %s", f"{reserve_mib} MiB, {why}" if reserve_mib else why)
     # vLLM picks batch defaults (max_num_seqs, max_num_batched_tokens) by usage context; the engine's own
     # context gets the small generic ones (128 sequences, 2048 tokens), an OpenAI server on a large GPU gets
     # 1024 and 8192. This is an OpenAI server: take the same defaults as vLLM's.
-    from loraplex.serve.worker_setup import SETUP_VAR
-
-    with pinned_memory.engine_process_environment(reserve_mib, **{SETUP_VAR: ",".join(setup)}):
+    with pinned_memory.engine_process_environment(reserve_mib):
         return AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
 

@@ -16,7 +16,7 @@ module global), so vLLM's config lookup (tuned configs included), its custom ops
 they are; and for the expand op's `_get_lora_b_ptr`, to learn which multi-slice layers can run their slices as
 layers of one (SliceLayout). It knows the kernel parameters of vLLM 0.26; with a vLLM whose kernels take others,
 `install` changes nothing and says so. The server turns it on in vLLM's worker process through
-`serve/worker_setup.py`.
+`serve/lora_grid_worker.py`.
 """
 
 from __future__ import annotations

@@ -7,13 +7,6 @@ add_adapter took 119 ms without the segment and 63 ms with it (BENCHMARKS.md). t
 `pinned_reserve_segment_size_mb` (PYTORCH_CUDA_ALLOC_CONF) pins one segment when a process first pins memory and
 carves later pinned allocations from it. The engine's process gets a segment sized for every adapter its CPU cache
 holds; loraplex's own process pins nothing and gets none.
-
-Pinning in the background (`--pin-adapters in-background`, installed in vLLM's worker by serve/worker_setup.py):
-a first request that races an adapter's publish waits for the whole load, pinning included (53-127 ms in the
-server's log, thirteenth and fourteenth sessions), although vLLM's load without pinning took 9-11 ms on the same
-kind of machine. There an adapter enters vLLM's CPU cache unpinned, its first copy into a GPU slot is a
-synchronous one from pageable memory, and one background thread then swaps each of its tensors for a pinned copy,
-so that later moves into a GPU slot (when slots are fewer than adapters) are asynchronous again.
 """
 
 from __future__ import annotations
@@ -21,13 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from loraplex.registry import ADAPTER_WEIGHTS
 
 log = logging.getLogger("loraplex.serve")
-worker_log = logging.getLogger("vllm.loraplex")  # in vLLM's worker process only vLLM has configured logging
 
 RESERVE_KEY = "pinned_reserve_segment_size_mb"
 MIN_TORCH = (2, 11)  # measured there; a torch that does not know the key refuses the whole allocator setting
@@ -119,24 +110,22 @@ def allocator_conf_var() -> str:
 
 
 @contextlib.contextmanager
-def engine_process_environment(mib: int, **variables: str):
+def engine_process_environment(mib: int):
     """The reserve in the allocator settings of the processes started inside (the engine core and its workers
-    inherit the environment when they are spawned), and `variables` besides (serve/engine.py adds the worker's
-    setup); this process's environment is restored afterwards."""
-    changes = dict(variables)
-    if mib > 0:
-        var = allocator_conf_var()
-        changes[var] = ",".join(filter(None, [os.environ.get(var), f"{RESERVE_KEY}:{mib}"]))
-    before = {name: os.environ.get(name) for name in changes}
-    os.environ.update(changes)
+    inherit the environment when they are spawned); this process's environment is restored afterwards."""
+    if mib <= 0:
+        yield
+        return
+    var = allocator_conf_var()
+    before = os.environ.get(var)
+    os.environ[var] = ",".join(filter(None, [before, f"{RESERVE_KEY}:{mib}"]))
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if before is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = before
 
 
 def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bool) -> tuple[int, str]:
@@ -154,84 +143,3 @@ def plan(config, loras, adapter_dirs: list[Path], base_modules: dict, *, cpu: bo
         host_bytes=host_memory_bytes(), torch_ok=torch_knows_the_reserve() if wanted else False,
         user_conf=os.environ.get(allocator_conf_var(), ""),
         processes=config.tensor_parallel_size * config.pipeline_parallel_size)
-
-
-class BackgroundPinner:
-    """Swaps the LoRA matrices of loaded adapters for pinned copies, one adapter after another in one thread.
-
-    Safe beside vLLM's engine thread because nothing there changes these tensors once the adapter is in the CPU
-    cache (vLLM folds the LoRA scaling into lora_b in place as it adds the adapter, before it is handed here), and
-    an attribute swap is atomic: a copy into a GPU slot reads either the pageable or the pinned tensor, both whole.
-    pin: what makes the pinned copy (tests pass another); cuda: whether to give the thread the engine's device, so
-    that pinning creates no CUDA context on another GPU."""
-
-    def __init__(self, pin=None, cuda: bool = True):
-        self._pin = pin or (lambda tensor: tensor.pin_memory())
-        self._cuda = cuda
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-pin")
-
-    def submit(self, adapter, still_held=lambda: True) -> Future:
-        """Pin `adapter` (vLLM's LoRAModel) later; still_held() says whether vLLM still caches it (else skip it)."""
-        device = None
-        if self._cuda:
-            import torch
-
-            device = torch.cuda.current_device()
-        return self._pool.submit(self._pin_adapter, adapter, still_held, device)
-
-    def _pinned(self, value):
-        if isinstance(value, list):  # packed modules (q/k/v, gate/up) hold one matrix per slice, or None
-            return [self._pinned(item) for item in value]
-        if value is None or value.device.type != "cpu" or value.is_pinned():
-            return value
-        return self._pin(value)
-
-    def _pin_adapter(self, adapter, still_held, device) -> None:
-        if device is not None:
-            import torch
-
-            torch.cuda.set_device(device)
-        try:
-            for weights in list(adapter.loras.values()):
-                if not still_held():
-                    return
-                weights.lora_a = self._pinned(weights.lora_a)
-                weights.lora_b = self._pinned(weights.lora_b)
-        except Exception as e:  # the adapter stays as it is, pageable: correct, its moves to a slot slower
-            worker_log.warning("could not pin adapter %s in the background (%s: %s); it stays in pageable memory",
-                               getattr(adapter, "id", "?"), type(e).__name__, e)
-
-
-def install_background_pinning(pinner: BackgroundPinner | None = None) -> str:
-    """In vLLM's worker process: its adapter loads skip pinning (PIN_MEMORY in vllm.lora.lora_model and
-    vllm.lora.model_manager), and each adapter added to its CPU cache (LoRAModelManager._add_adapter, after the
-    scaling is folded in) is handed to a BackgroundPinner. Returns what it did, for the log."""
-    if pinner is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU here: vLLM pins nothing, nothing to change"
-        pinner = BackgroundPinner()
-    try:
-        from vllm.lora import lora_model, model_manager
-        from vllm.lora.model_manager import LoRAModelManager
-    except ImportError as e:
-        return f"vLLM's LoRA manager is not importable ({e}): adapters are pinned as they load"
-    add = getattr(LoRAModelManager, "_add_adapter", None)
-    if add is None or not hasattr(lora_model, "PIN_MEMORY"):
-        return "this vLLM pins adapters elsewhere than vLLM 0.26-0.32 do: adapters are pinned as they load"
-    if getattr(add, "pins_in_background", False):
-        return "adapters load unpinned and are pinned in the background (already installed)"
-
-    def _add_adapter(self, lora):
-        add(self, lora)
-        pinner.submit(lora, still_held=lambda: lora.id in self._registered_adapters)
-
-    _add_adapter.pins_in_background = True
-    _add_adapter.__wrapped__ = add
-    # both places vLLM pins an adapter's matrices: as it loads them, and (vLLM 0.26 on) after packing them
-    lora_model.PIN_MEMORY = False
-    if hasattr(model_manager, "PIN_MEMORY"):
-        model_manager.PIN_MEMORY = False
-    LoRAModelManager._add_adapter = _add_adapter
-    return "adapters load unpinned and are pinned in the background (--pin-adapters in-background)"

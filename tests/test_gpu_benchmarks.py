@@ -193,7 +193,7 @@ def test_server_commands_share_lora_settings(tmp_path):
     assert vllm[-2:] == [f"a000={tmp_path / 'a000'}", f"a001={tmp_path / 'a001'}"]
     # the kernels loraplex runs on a GPU: grids per active-adapter count, and its compact grid in vLLM's worker
     assert "--specialize-active-lora" in vllm
-    assert vllm[vllm.index("--worker-extension-cls") + 1] == "loraplex.serve.worker_setup.WorkerSetup"
+    assert vllm[vllm.index("--worker-extension-cls") + 1] == "loraplex.serve.lora_grid_worker.CompactLoRAGrid"
     lp = gpu_serve.server_command(gpu_serve.parse_args(["bench", "--server", "loraplex", "--max-loras", "64", *common]),
                                   8002, [], sizing)
     assert lp[1:4] == ["-m", "loraplex", "serve"] and lp[lp.index("--max-loras") + 1] == "64"
@@ -403,7 +403,7 @@ def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, bas
 
     base = make_tiny_base(tmp_path / "tiny", tokenizer_from=base_model_dir)
     first = make_adapter(base, tmp_path / "registry" / "a000", rank=16)
-    for i in range(1, 26):  # 12 for the allocator children (skipped here), 3 for each of 4 engine children, 2 preloaded
+    for i in range(1, 23):  # 12 for the allocator children (skipped here), 3 for each of 3 engine children, 2 preloaded
         copy_adapter(first, tmp_path / "registry" / f"a{i:03d}")
     command = [sys.executable, str(BENCHMARKS / "gpu_lora_load.py"), "--registry", str(tmp_path / "registry"),
                "--model-dir", str(base), "--repeats", "1", "--slots", "2", "--preload", "2", "--child", "engine"]

@@ -263,3 +263,13 @@ def test_install_does_nothing_without_a_gpu(monkeypatch):
     before = lora_shrink_op._lora_shrink_kernel
     assert "no CUDA GPU" in lora_grid.install()
     assert lora_shrink_op._lora_shrink_kernel is before
+
+
+def test_worker_extension_adds_nothing_to_vllms_worker():
+    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER
+    from loraplex.serve.lora_grid_worker import CompactLoRAGrid
+
+    module, name = COMPACT_LORA_GRID_WORKER.rsplit(".", 1)
+    assert (CompactLoRAGrid.__module__, CompactLoRAGrid.__name__) == (module, name)
+    # vLLM refuses an extension class whose attributes clash with its worker's
+    assert [attr for attr in dir(CompactLoRAGrid) if not attr.startswith("__")] == []

@@ -316,43 +316,14 @@ def test_lora_grids_follow_the_active_adapters_where_cuda_graphs_run(tmp_path):
 
 
 def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
-    from loraplex.serve.engine import WORKER_SETUP, engine_args_from, worker_setup_parts
+    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER, engine_args_from
 
     loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
-    assert engine_args_from(_config(tmp_path), loras, cpu=False).worker_extension_cls == WORKER_SETUP
-    assert worker_setup_parts(_config(tmp_path), cpu=False) == ["compact-grid"]
+    assert engine_args_from(_config(tmp_path), loras, cpu=False).worker_extension_cls == COMPACT_LORA_GRID_WORKER
     assert not engine_args_from(_config(tmp_path), loras, cpu=True).worker_extension_cls
     assert not engine_args_from(_config(tmp_path, compact_lora_grid=False), loras, cpu=False).worker_extension_cls
     assert engine_args_from(_config(tmp_path, compact_lora_grid=True), loras,
-                            cpu=True).worker_extension_cls == WORKER_SETUP
-
-
-def test_pinning_in_background_is_asked_of_vllms_worker_only_when_chosen(tmp_path):
-    from loraplex.serve.engine import WORKER_SETUP, engine_args_from, worker_setup_parts
-
-    loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
-    background = _config(tmp_path, pin_adapters="in-background")
-    assert worker_setup_parts(background, cpu=False) == ["compact-grid", "pin-in-background"]
-    # without the compact grid the worker extension is still named, for the pinning alone
-    alone = _config(tmp_path, pin_adapters="in-background", compact_lora_grid=False)
-    assert worker_setup_parts(alone, cpu=False) == ["pin-in-background"]
-    assert engine_args_from(alone, loras, cpu=False).worker_extension_cls == WORKER_SETUP
-    with pytest.raises(LoraplexError, match="--pin-adapters sometimes must be on-load or in-background"):
-        _config(tmp_path, pin_adapters="sometimes").check()
-
-
-def test_worker_setup_reaches_the_engine_processes_environment_and_is_restored(monkeypatch):
-    from loraplex.serve.pinned_memory import engine_process_environment
-    from loraplex.serve.worker_setup import SETUP_VAR
-
-    monkeypatch.setenv(SETUP_VAR, "before")
-    with engine_process_environment(0, **{SETUP_VAR: "compact-grid,pin-in-background"}):
-        assert os.environ[SETUP_VAR] == "compact-grid,pin-in-background"
-    assert os.environ[SETUP_VAR] == "before"
-    monkeypatch.delenv(SETUP_VAR)
-    with engine_process_environment(0, **{SETUP_VAR: ""}):
-        assert os.environ[SETUP_VAR] == ""  # set but empty: the worker installs nothing (unset means the grid)
-    assert SETUP_VAR not in os.environ
+                            cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
 
 
 def test_warmup_runs_by_default_on_gpus_only(tmp_path):
@@ -605,18 +576,13 @@ def test_engine_process_gets_the_pinned_reserve_and_this_process_keeps_its_envir
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     seen = {}
-    monkeypatch.delenv("LORAPLEX_WORKER_SETUP", raising=False)
     monkeypatch.setattr(AsyncLLM, "from_engine_args",
-                        classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"],
-                                                                        setup=os.environ["LORAPLEX_WORKER_SETUP"])))
-    eng.build_engine(_config(base_model_dir, pin_adapters="in-background"),
-                     LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
+                        classmethod(lambda cls, args, **kw: seen.update(conf=os.environ["PYTORCH_CUDA_ALLOC_CONF"])))
+    eng.build_engine(_config(base_model_dir), LoraSizing(max_loras=2, max_cpu_loras=4, max_lora_rank=16),
                      cpu=False, adapter_dirs=[adapter], base_modules={})  # as on a GPU machine
     # 4 adapters x (16 x 14,336 and 4,096 x 16 bf16, each rounded up to a power of 2: 512 KiB + 128 KiB) + margin
     assert seen["conf"] == "expandable_segments:True,pinned_reserve_segment_size_mb:514"
-    assert seen["setup"] == "compact-grid,pin-in-background"  # what vLLM's worker installs (serve/worker_setup.py)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert "LORAPLEX_WORKER_SETUP" not in os.environ
 
 
 def test_pinned_reserve_sizing():
