@@ -671,13 +671,12 @@ def registry_sizing(args) -> tuple[list[str], object]:
     """The registry's adapter names and the LoRA sizing loraplex gives it (both servers get the same)."""
     from loraplex.registry import list_adapters
     from loraplex.serve import engine
-    from loraplex.serve.adapters import base_module_shapes, size_loras
+    from loraplex.serve.adapters import base_module_shapes
 
     found, _ = list_adapters(Path(args.registry))
-    room = None if args.max_loras else engine.slot_room("auto", base_module_shapes(Path(args.model_dir)),
-                                                         cpu=engine.on_cpu())
-    return sorted(a.name for a in found), size_loras([a.rank for a in found], max_loras=args.max_loras,
-                                                     slot_room=room)
+    return sorted(a.name for a in found), engine.lora_sizing([a.rank for a in found],
+                                                             base_module_shapes(Path(args.model_dir)),
+                                                             cpu=engine.on_cpu(), max_loras=args.max_loras)
 
 
 def for_server(args, name: str) -> argparse.Namespace:

@@ -448,7 +448,7 @@ async def run(config: ServeConfig) -> None:
 
     from loraplex.registry import list_adapters
     from loraplex.serve import engine as eng
-    from loraplex.serve.adapters import AdapterManager, base_module_shapes, size_loras, supported_lora_ranks
+    from loraplex.serve.adapters import AdapterManager, base_module_shapes
     from loraplex.serve.aliases import load_aliases
     from loraplex.serve.metrics import Metrics
 
@@ -456,9 +456,9 @@ async def run(config: ServeConfig) -> None:
     found, _ = list_adapters(config.adapters_dir, config.allowed_adapter_roots)
     base_modules = base_module_shapes(config.model_path)
     cpu = eng.on_cpu()
-    loras = size_loras([a.rank for a in found], max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
-                       max_lora_rank=config.max_lora_rank, supported=supported_lora_ranks(),
-                       slot_room=eng.slot_room(config.dtype, base_modules, cpu=cpu))
+    loras = eng.lora_sizing([a.rank for a in found], base_modules, cpu=cpu, dtype=config.dtype,
+                            max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
+                            max_lora_rank=config.max_lora_rank)
     tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras, cpu=cpu, adapter_dirs=[a.path for a in found],
                               base_modules=base_modules)

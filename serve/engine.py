@@ -41,6 +41,17 @@ def slot_room(dtype: str, base_modules: dict, *, cpu: bool):
     return SlotRoom(gpu_bytes=gpu_bytes, slot_bytes_per_rank=slot_bytes_per_rank(base_modules, dtype_bytes(dtype)))
 
 
+def lora_sizing(ranks: list[int], base_modules: dict, *, cpu: bool, dtype: str = "auto", max_loras: int | None = None,
+                max_cpu_loras: int | None = None, max_lora_rank: int | None = None) -> LoraSizing:
+    """The engine's LoRA settings for a registry of adapters of these ranks on this machine (size_loras, with the
+    ranks this vLLM supports and the room this GPU has for slots): what `loraplex serve` starts with, and what the
+    GPU benchmarks give vLLM's own server."""
+    from loraplex.serve.adapters import size_loras, supported_lora_ranks
+
+    return size_loras(ranks, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                      supported=supported_lora_ranks(), slot_room=slot_room(dtype, base_modules, cpu=cpu))
+
+
 def specialize_active_lora(config: ServeConfig, *, cpu: bool, supported: bool) -> bool | None:
     """Whether vLLM sizes its LoRA kernel grids and CUDA graphs by the adapters a batch uses (None: vLLM's default).
 

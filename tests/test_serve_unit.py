@@ -176,6 +176,22 @@ def test_slot_room_reads_the_gpu_through_vllms_platform(monkeypatch):
     assert engine.slot_room("auto", modules, cpu=False) is None  # the CPU's ceiling, with a warning
 
 
+def test_lora_sizing_takes_this_gpus_room_and_the_flags(monkeypatch):
+    """The one sizing the server and the GPU benchmarks (vLLM's server) both start from."""
+    from vllm.platforms import current_platform
+
+    from loraplex.serve import engine
+
+    modules = {f"layers.{i}.proj": (4096, 4096) for i in range(224)}  # an 8B model's LoRA layers, roughly
+    assert engine.lora_sizing([16] * 300, modules, cpu=True) == LoraSizing(max_loras=16, max_cpu_loras=316,
+                                                                           max_lora_rank=16)
+    monkeypatch.setattr(current_platform, "get_device_total_memory", lambda device_id=0: 140 << 30, raising=False)
+    on_gpu = engine.lora_sizing([16] * 300, modules, cpu=False)
+    assert on_gpu.max_loras == 256 and on_gpu.max_cpu_loras == 316  # the GPU's room, up to 256 slots
+    assert engine.lora_sizing([8, 16], modules, cpu=False, max_loras=3).max_loras == 3  # the flag wins
+    assert engine.lora_sizing([40], modules, cpu=True).max_lora_rank == 64  # up to a rank vLLM supports
+
+
 def _config(tmp_path, **kw) -> ServeConfig:
     return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
 
