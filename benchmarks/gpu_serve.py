@@ -120,12 +120,16 @@ def completion_body(model: str, prompt: list[int], output_len: int) -> dict:
 
 
 # ---------------------------------------------------------------- client
+# A pause between two chunks of one stream longer than this is counted, beside vLLM's own count of inter-token
+# latencies over the same bound (a bucket of its vllm:inter_token_latency_seconds): more pauses seen by the client
+# than the engine's output processing saw were added after it, in the server's HTTP layer.
+LONG_GAP_S = 0.3
 # Streaming 512 requests parses ~65k server-sent events; one Python process would be the bottleneck, so the
 # requests are spread over a few client processes that start together at an agreed wall-clock time.
 
 async def _stream_one(client, url: str, body: dict) -> dict:
     record = {"model": body["model"], "start": time.time(), "ttft": None, "tokens": 0, "max_gap": 0.0,
-              "error": None}
+              "long_gaps": 0, "error": None}
     last = None
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -142,6 +146,7 @@ async def _stream_one(client, url: str, body: dict) -> dict:
                         record["ttft"] = now - record["start"]
                     elif last is not None:
                         record["max_gap"] = max(record["max_gap"], now - last)
+                        record["long_gaps"] += now - last > LONG_GAP_S
                     last = now
                     record["tokens_seen"] = record.get("tokens_seen", 0) + 1
                 if chunk.get("usage"):
@@ -199,7 +204,8 @@ def summarize(records: list[dict], output_len: int) -> dict:
     gaps = [r["max_gap"] * 1000 for r in ok]
     stats.update(out_tok_s=round(sum(r["tokens"] for r in ok) / duration, 1), duration_s=round(duration, 3),
                  ttft_p50_ms=round(percentile(ttfts, 50), 1), ttft_p99_ms=round(percentile(ttfts, 99), 1),
-                 max_gap_p50_ms=round(percentile(gaps, 50), 1), max_gap_max_ms=round(max(gaps), 1))
+                 max_gap_p50_ms=round(percentile(gaps, 50), 1), max_gap_max_ms=round(max(gaps), 1),
+                 stream_gaps_over_300ms=sum(r.get("long_gaps", 0) for r in ok))
     if any(r["error"] for r in records):
         stats["first_error"] = next(r["error"] for r in records if r["error"])
     return stats
@@ -215,18 +221,20 @@ RUNNING_METRIC, WAITING_METRIC = "vllm:num_requests_running", "vllm:num_requests
 FULL_GC_METRIC, LOOP_LAG_METRIC = "python_gc_collections_total", "loraplex_event_loop_lag_seconds"
 GC_PAUSE_METRIC = "loraplex_gc_pause_seconds"  # loraplex: how long its collections held the loop, by generation
 LOOP_STALL_S = "0.1"  # a lag over this (a histogram bucket's bound) counts as a stall
+ITL_METRIC = "vllm:inter_token_latency_seconds"  # both servers: measured where vLLM processes the engine's outputs
 
 
 def server_metrics(metrics_text: str) -> dict[str, float]:
     """From a Prometheus /metrics page: the engine's running and waiting requests (vLLM's gauges, which
     `loraplex serve` also exports, summed over label sets), the front end's full garbage collections so far, and
     (loraplex) the seconds they held its event loop, its event-loop lag checks and those later than LOOP_STALL_S so
-    far; absent metrics are left out."""
+    far, and vLLM's inter-token latencies longer than LONG_GAP_S so far; absent metrics are left out."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {RUNNING_METRIC: "running", WAITING_METRIC: "waiting"}
     found: dict[str, float] = {}
     lag_checks = lag_within = None
+    itl_count = itl_within = None
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name in wanted:
@@ -239,8 +247,14 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
                 lag_checks = sample.value
             elif sample.name == LOOP_LAG_METRIC + "_bucket" and sample.labels.get("le") == LOOP_STALL_S:
                 lag_within = sample.value
+            elif sample.name == ITL_METRIC + "_count":  # one series per engine and model name: summed
+                itl_count = (itl_count or 0.0) + sample.value
+            elif sample.name == ITL_METRIC + "_bucket" and float(sample.labels.get("le", "nan")) == LONG_GAP_S:
+                itl_within = (itl_within or 0.0) + sample.value
     if lag_checks is not None and lag_within is not None:
         found["loop_stalls"] = lag_checks - lag_within
+    if itl_count is not None and itl_within is not None:
+        found["itl_over_300ms"] = itl_count - itl_within
     return found
 
 
@@ -313,7 +327,8 @@ class BurstSampler:
         # counters: from the last sample before the burst to the first after it
         for key, name, scale in (("full_gcs", "front_end_full_gcs", None),
                                  ("full_gc_s", "front_end_full_gc_ms", 1000),
-                                 ("loop_stalls", "front_end_stalls_over_100ms", None)):
+                                 ("loop_stalls", "front_end_stalls_over_100ms", None),
+                                 ("itl_over_300ms", "engine_itl_over_300ms", None)):
             counted = [(t, q[key]) for t, q in self.queue if key in q]
             before = [value for t, value in counted if t <= start]
             after = [value for t, value in counted if t >= end]
@@ -593,7 +608,7 @@ def cold_adapter_test(args, server: Server, client: LoadClient, base: str, new_n
             result["new_adapter_under_load_ttft_ms"] = None if new["ttft"] is None else round(new["ttft"] * 1000, 1)
         stats = summarize([r for f in futures for r in f.result()], args.output_len)
         result[label] = {k: stats.get(k) for k in ("out_tok_s", "ttft_p50_ms", "max_gap_p50_ms", "max_gap_max_ms",
-                                                    "errors")}
+                                                    "stream_gaps_over_300ms", "errors")}
     return result
 
 

@@ -3,6 +3,7 @@ result files of the documented schema, and make adapters that loraplex serve acc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -111,13 +112,33 @@ def test_requests_have_fixed_lengths():
 
 
 def test_summary_of_streams():
-    records = [{"start": 10.0, "ttft": 0.1 * (i + 1), "end": 12.0, "tokens": 128, "max_gap": 0.02, "error": None}
-               for i in range(9)]
+    records = [{"start": 10.0, "ttft": 0.1 * (i + 1), "end": 12.0, "tokens": 128, "max_gap": 0.02, "long_gaps": i % 2,
+                "error": None} for i in range(9)]
     records.append({"start": 10.0, "ttft": None, "end": 10.5, "tokens": 0, "max_gap": 0.0, "error": "HTTP 500"})
     stats = gpu_serve.summarize(records, 128)
     assert (stats["requests"], stats["errors"], stats["short_answers"]) == (10, 1, 0)
     assert stats["out_tok_s"] == 9 * 128 / 2.0 and stats["ttft_p50_ms"] == 500.0 and stats["first_error"] == "HTTP 500"
+    assert stats["stream_gaps_over_300ms"] == 4  # over the streams that answered
     assert gpu_serve.summarize(records[-1:], 128)["errors"] == 1
+
+
+def test_a_stream_counts_its_pauses_longer_than_vllms_bucket_bound():
+    import httpx
+
+    async def events():
+        for delay in (0.0, 0.05, gpu_serve.LONG_GAP_S + 0.05, 0.05):
+            await asyncio.sleep(delay)
+            yield b'data: {"choices": [{"text": "x"}]}\n\n'
+        yield b'data: {"choices": [], "usage": {"completion_tokens": 4}}\n\ndata: [DONE]\n\n'
+
+    async def stream():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=events()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await gpu_serve._stream_one(client, "http://server", {"model": "a000"})
+
+    record = asyncio.run(stream())
+    assert (record["tokens"], record["long_gaps"], record["error"]) == (4, 1, None)
+    assert record["max_gap"] > gpu_serve.LONG_GAP_S
 
 
 def test_burst_samples_count_only_the_bursts_own_span():
@@ -138,9 +159,16 @@ def test_burst_samples_count_only_the_bursts_own_span():
                'loraplex_gc_pause_seconds_count{generation="0"} 900.0\n'
                'loraplex_gc_pause_seconds_sum{generation="0"} 0.4\n'
                'loraplex_gc_pause_seconds_count{generation="2"} 7.0\n'
-               'loraplex_gc_pause_seconds_sum{generation="2"} 0.35\n')
+               'loraplex_gc_pause_seconds_sum{generation="2"} 0.35\n'
+               '# TYPE vllm:inter_token_latency_seconds histogram\n'
+               'vllm:inter_token_latency_seconds_bucket{engine="0",le="0.2",model_name="m"} 900.0\n'
+               'vllm:inter_token_latency_seconds_bucket{engine="0",le="0.3",model_name="m"} 990.0\n'
+               'vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="m"} 1000.0\n'
+               'vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 1000.0\n'
+               'vllm:inter_token_latency_seconds_bucket{engine="1",le="0.3",model_name="m"} 5.0\n'
+               'vllm:inter_token_latency_seconds_count{engine="1",model_name="m"} 7.0\n')
     assert gpu_serve.server_metrics(metrics) == {"running": 36.0, "waiting": 400.0, "full_gcs": 7.0,
-                                                 "full_gc_s": 0.35, "loop_stalls": 3.0}
+                                                 "full_gc_s": 0.35, "loop_stalls": 3.0, "itl_over_300ms": 12.0}
     assert gpu_serve.server_metrics("loraplex_requests_in_flight 3.0\n") == {}
 
     sampler = gpu_serve.BurstSampler("http://127.0.0.1:9")
@@ -153,10 +181,11 @@ def test_burst_samples_count_only_the_bursts_own_span():
     sampler.queue = [(9.0, {"full_gcs": 1.0, "loop_stalls": 0.0}), (9.6, {"full_gcs": 2.0, "loop_stalls": 1.0}),
                      (11.0, {"full_gcs": 3.0, "loop_stalls": 2.0}), (12.1, {"full_gcs": 5.0, "loop_stalls": 4.0}),
                      (12.6, {"full_gcs": 9.0, "loop_stalls": 9.0})]
-    for (_, counters), full_gc_s in zip(sampler.queue, (0.01, 0.02, 0.05, 0.1225, 0.3)):
-        counters["full_gc_s"] = full_gc_s
+    for (_, counters), full_gc_s, itl_over in zip(sampler.queue, (0.01, 0.02, 0.05, 0.1225, 0.3), (0, 1, 5, 9, 20)):
+        counters["full_gc_s"], counters["itl_over_300ms"] = full_gc_s, itl_over
     summary = sampler.summary(records)
     assert (summary["front_end_full_gcs"], summary["front_end_stalls_over_100ms"]) == (3, 3)
+    assert summary["engine_itl_over_300ms"] == 8
     assert summary["front_end_full_gc_ms"] == 102.5
     assert sampler.summary([]) == {}
     # CPU: (front end, engine core) seconds so far; 1.6 s apart inside the burst, 0.4 and 1.6 s used
