@@ -465,6 +465,20 @@ def test_metrics_report_how_late_the_event_loop_runs(http):
     assert wait_until(lambda: metric(http, "loraplex_event_loop_lag_seconds_count") > first)
 
 
+def test_metrics_carry_what_the_gpu_benchmark_reads_beside_each_burst(http, client):
+    """benchmarks/gpu_serve.py reads this page during bursts: vLLM's running and waiting requests, the full
+    collections and their pauses, the event loop's stalls, and vLLM's inter-token latencies over 300 ms."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_serve
+
+    streamed_chat(client, BASE)  # inter-token latencies of a streamed answer
+    found = gpu_serve.server_metrics(http.get("/metrics").text)
+    assert {"running", "waiting", "full_gcs", "full_gc_s", "loop_stalls", "itl_over_300ms"} <= set(found), found
+    assert metric(http, "vllm:inter_token_latency_seconds_count") > 0
+
+
 def test_stream_disconnect_aborts_in_engine(server, http, client):
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as streaming:
         response = start_stream(server, streaming)
