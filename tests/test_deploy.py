@@ -425,6 +425,9 @@ def test_compose_builds_the_images_and_prometheus_scrapes_the_server():
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for service in (server, gpu):
         assert set(service["environment"]) <= entrypoint_variables() | READ_BY_LORAPLEX
+    # deploy/.env's settings all reach the server, and a machine without the file still starts it
+    assert server["env_file"] == [{"path": ".env", "required": False}]
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()  # it holds keys
     targets = {re.sub(r":(ro|rw)$", "", v).rsplit(":", 1)[1] for v in server["volumes"]}
     assert targets >= {"/models", "/adapters", "/data"}
 

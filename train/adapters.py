@@ -22,7 +22,8 @@ AdaptersDirOption = Annotated[
 
 def list_command(
     adapters_dir: AdaptersDirOption = None,
-    json_output: Annotated[bool, typer.Option("--json")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON document ({adapters: [...], broken: {name: reason}}) instead of the table.")] = False,
     allowed_adapter_root: Annotated[list[Path] | None, typer.Option(
         help="A directory outside the registry that symlinks may point into, as given to `loraplex serve`.")] = None,
 ) -> None:
