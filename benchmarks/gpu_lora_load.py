@@ -196,7 +196,10 @@ def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: i
               gpu_memory_utilization=0.5)
     [times] = llm.collective_rpc(time_adapter_loads,
                                  args=([str(a) for a in adapters], repeats, [str(a) for a in preload]))
-    return _summary(times)
+    summary = _summary(times)
+    if batched_fill:
+        summary["set_lora_calls"] = dict(slot_fill.COUNTS)  # batched, or left to vLLM (layers it does not know)
+    return summary
 
 
 def sized_reserve_mib(adapters: list[Path], held: int) -> int:

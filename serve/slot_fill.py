@@ -23,6 +23,9 @@ from __future__ import annotations
 import threading
 
 _collecting = threading.local()
+# set_lora calls made while an adapter moved into a slot: batched here, or left to vLLM (other layer kinds or
+# layouts); the GPU probe reports them, so that a vLLM whose layers differ shows up as "nothing batched"
+COUNTS = {"batched": 0, "left_to_vllm": 0}
 
 
 class SlotFill:
@@ -74,7 +77,10 @@ def _batched_set_lora(vllm_set_lora):
         fill = getattr(_collecting, "fill", None)
         matrices = None if fill is None or args or kwargs else batchable(self, lora_a, lora_b)
         if matrices is None:
+            if fill is not None:
+                COUNTS["left_to_vllm"] += 1
             return vllm_set_lora(self, index, lora_a, lora_b, *args, **kwargs)
+        COUNTS["batched"] += 1
         fill.add(self, index, *matrices)
 
     set_lora.__wrapped__ = vllm_set_lora

@@ -442,7 +442,9 @@ def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, bas
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, done.stderr[-3000:]
     assert "slot fill: batched slot fill" in done.stdout + done.stderr
-    medians = json.loads(line[7:])["median_ms"]
+    result = json.loads(line[7:])
+    medians = result["median_ms"]
+    assert result["set_lora_calls"]["batched"] > 0 and result["set_lora_calls"]["left_to_vllm"] == 0
     assert set(medians) == {"engine_load", "engine_add", "engine_activate", "engine_add_adapter",
                             "engine_after_removal"}
     assert all(ms > 0 for ms in medians.values())
