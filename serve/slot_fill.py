@@ -35,10 +35,8 @@ class SlotFill:
         self.zero: list = []
         self.destinations: list = []
         self.sources: list = []
-        self.layers = 0
 
     def add(self, layer, index: int, lora_a: list, lora_b: list) -> None:
-        self.layers += 1
         for stacked in (*layer.lora_a_stacked, *layer.lora_b_stacked):
             self.zero.append(stacked[index])
         for stacked, matrices in ((layer.lora_a_stacked, lora_a), (layer.lora_b_stacked, lora_b)):

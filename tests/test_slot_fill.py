@@ -35,7 +35,7 @@ def test_a_fill_zeroes_the_whole_slot_and_writes_the_corner_the_matrices_cover()
     a0, b0 = torch.randn(2, 6), torch.randn(5, 2)  # rank 2 in a rank-4 slot
     fill = slot_fill.SlotFill()
     fill.add(layer, 1, [a0, None], [b0, None])
-    assert fill.layers == 1 and len(fill.zero) == 4 and len(fill.destinations) == 2
+    assert len(fill.zero) == 4 and len(fill.destinations) == 2
     assert layer.lora_a_stacked[0][1].sum() > 0  # nothing happens before the flush
     fill.flush()
     assert torch.equal(layer.lora_a_stacked[0][1, 0, :2], a0) and layer.lora_a_stacked[0][1, 0, 2:].abs().sum() == 0
@@ -63,8 +63,8 @@ def test_batched_fill_leaves_the_slot_exactly_as_vllms_own(tmp_path, base_model_
     out = json.loads(line[7:])
     fill = out["fill"]
     assert fill["installed"].startswith("batched slot fill")
-    # the tiny model's 2 layers x (q/k/v, o, gate/up, down): every LoRA layer batched in one fill
-    assert fill["layers_batched"] == [8]
+    # the tiny model's 2 layers x (q/k/v, o, gate/up, down): every LoRA layer batched, none left to vLLM
+    assert (fill["layers_batched"], fill["layers_left_to_vllm"]) == (8, 0)
     assert fill["same_slot"] and fill["a_equal"] and fill["b_untouched"] and fill["matrices"] > 0
     assert out["a_batched"] == out["a_vllm"]
     assert len({out["a_vllm"], out["b"], out["base"]}) == 3  # the adapters change the answer: the check can fail

@@ -29,8 +29,7 @@ def slots(manager, index: int) -> list:
 
 
 def fill_twice(worker, path_a: str, path_b: str) -> dict:
-    """In vLLM's worker: A into slot 0 and B into slot 1 vLLM's way; A out, its slot dirtied; A in again the
-    batched way."""
+    """In vLLM's worker: A and B into slots vLLM's way; A out, its slot dirtied; A in again the batched way."""
     import torch
     from vllm.lora.request import LoRARequest
 
@@ -48,21 +47,13 @@ def fill_twice(worker, path_a: str, path_b: str) -> dict:
     for stacked in slot_matrices(manager):
         stacked[a_slot].fill_(7.0)  # what a previous adapter left: the batched fill must overwrite all of it
     installed = slot_fill.install()
-    seen = []
-    flush = slot_fill.SlotFill.flush
-
-    def counted_flush(self):
-        seen.append(self.layers)
-        flush(self)
-
-    slot_fill.SlotFill.flush = counted_flush
-    try:
-        manager.activate_adapter(1)
-    finally:
-        slot_fill.SlotFill.flush = flush
+    before = dict(slot_fill.COUNTS)
+    manager.activate_adapter(1)
+    calls = {kind: slot_fill.COUNTS[kind] - before[kind] for kind in before}
     again = manager.lora_index_to_id.index(1)
     batched_a = slots(manager, again)
-    return {"installed": installed, "layers_batched": seen, "same_slot": again == a_slot,
+    return {"installed": installed, "layers_batched": calls["batched"], "layers_left_to_vllm": calls["left_to_vllm"],
+            "same_slot": again == a_slot,
             "a_equal": len(batched_a) == len(vllm_a) and all(torch.equal(x, y) for x, y in zip(batched_a, vllm_a)),
             "b_untouched": all(torch.equal(x, y) for x, y in zip(slots(manager, b_slot), vllm_b)),
             "matrices": len(batched_a)}
