@@ -23,8 +23,7 @@ sizing), vLLM's worker-side `add_adapter` as the engine runs it for a new adapte
     engine_after_removal     the same right after another adapter was removed (its pinned blocks freed)
 
 each with torch's default host allocator and with a pinned reserve segment (`pinned_reserve_segment_size_mb`) of
-4 GiB and of the size `loraplex serve` gives it (every adapter the engine will hold), and with that segment and
-the batched slot fill (serve/slot_fill.py: engine_activate in one zeroing and one list of copies);
+4 GiB and of the size `loraplex serve` gives it (every adapter the engine will hold);
 with --preload N after the engine loaded N other adapters first, as a server loads its registry (a server with
 256 adapters took 165-378 ms for what took 62 ms in an engine holding none).
 
@@ -55,8 +54,7 @@ ALLOCATOR_SETTINGS = {"default": None,
 # the engine part, with torch's default host allocator and with the reserve segment: 4 GiB, and sized as
 # `loraplex serve` sizes it (every adapter the engine will hold; main sizes it: 4 GiB ran out after ~45 preloads)
 ENGINE_SETTINGS = {"engine": None, "engine_reserve_segment_4gib": "pinned_reserve_segment_size_mb:4096",
-                   "engine_reserve_segment_sized": None, "engine_batched_fill": None}
-SIZED_RESERVE = ("engine_reserve_segment_sized", "engine_batched_fill")  # the server's reserve, sized in main
+                   "engine_reserve_segment_sized": None}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -179,27 +177,18 @@ def time_adapter_loads(worker, paths: list[str], repeats: int, preload: list[str
     return times
 
 
-def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: int, preload: list[Path],
-                   batched_fill: bool = False) -> dict:
+def measure_engine(model_dir: Path, adapters: list[Path], repeats: int, slots: int, preload: list[Path]) -> dict:
     """In its own process: an engine as `loraplex serve` sizes it for rank-16 adapters, eager (no CUDA graphs:
-    only the load path is timed); batched_fill: with serve/slot_fill.py installed."""
+    only the load path is timed)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, to call into its worker
     from vllm import LLM
-
-    if batched_fill:
-        from loraplex.serve import slot_fill
-
-        log("slot fill:", slot_fill.install())
 
     llm = LLM(model=str(model_dir), enable_lora=True, max_loras=slots, max_lora_rank=16,
               max_cpu_loras=len(adapters) + len(preload) + slots, enforce_eager=True, max_model_len=1024,
               gpu_memory_utilization=0.5)
     [times] = llm.collective_rpc(time_adapter_loads,
                                  args=([str(a) for a in adapters], repeats, [str(a) for a in preload]))
-    summary = _summary(times)
-    if batched_fill:
-        summary["set_lora_calls"] = dict(slot_fill.COUNTS)  # batched, or left to vLLM (layers it does not know)
-    return summary
+    return _summary(times)
 
 
 def sized_reserve_mib(adapters: list[Path], held: int) -> int:
@@ -237,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         first = needed * len(ALLOCATOR_SETTINGS) + engine_needed * list(ENGINE_SETTINGS).index(args.child)
         preload = adapters[len(adapters) - args.preload:] if args.preload else []
         print("RESULT " + json.dumps(measure_engine(args.model_dir, adapters[first:first + engine_needed],
-                                                    args.repeats, args.slots, preload,
-                                                    batched_fill=args.child == "engine_batched_fill")))
+                                                    args.repeats, args.slots, preload)))
         return
     if args.child is not None:
         index = list(ALLOCATOR_SETTINGS).index(args.child)
@@ -246,10 +234,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     settings = {**ALLOCATOR_SETTINGS, **{name: ENGINE_SETTINGS[name] for name in engines}}
-    sized = [name for name in SIZED_RESERVE if name in settings]
-    if sized:  # one reading of every adapter's header for all of them
+    if "engine_reserve_segment_sized" in settings:
         held = args.preload + engine_needed + args.slots
-        settings.update(dict.fromkeys(sized, f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, held)}"))
+        settings["engine_reserve_segment_sized"] = f"pinned_reserve_segment_size_mb:{sized_reserve_mib(adapters, held)}"
     children = settings
     if args.only:
         unknown = set(args.only.split(",")) - set(settings)

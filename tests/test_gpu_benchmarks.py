@@ -426,25 +426,20 @@ def test_adapter_load_probe_sizes_its_reserve_for_every_adapter_the_engine_holds
 @pytest.mark.integration
 def test_adapter_load_probe_times_add_adapter_inside_a_real_engine(tmp_path, base_model_dir):
     """The probe's engine part reaches vLLM's worker-side LoRA manager (internal paths that can move between vLLM
-    releases) and times each part of add_adapter, here with the batched slot fill installed; on CPU nothing is
-    pinned, but every part runs."""
+    releases) and times each part of add_adapter; on CPU nothing is pinned, but every part runs."""
     sys.path.insert(0, str(Path(__file__).parent))
     from adapter_factory import copy_adapter, make_adapter, make_tiny_base
 
     base = make_tiny_base(tmp_path / "tiny", tokenizer_from=base_model_dir)
     first = make_adapter(base, tmp_path / "registry" / "a000", rank=16)
-    for i in range(1, 26):  # 12 for the allocator children (skipped here), 3 for each of 4 engine children, 2 preloaded
+    for i in range(1, 23):  # 12 for the allocator children (skipped here), 3 for each of 3 engine children, 2 preloaded
         copy_adapter(first, tmp_path / "registry" / f"a{i:03d}")
     command = [sys.executable, str(BENCHMARKS / "gpu_lora_load.py"), "--registry", str(tmp_path / "registry"),
-               "--model-dir", str(base), "--repeats", "1", "--slots", "2", "--preload", "2", "--child",
-               "engine_batched_fill"]
+               "--model-dir", str(base), "--repeats", "1", "--slots", "2", "--preload", "2", "--child", "engine"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, done.stderr[-3000:]
-    assert "slot fill: batched slot fill" in done.stdout + done.stderr
-    result = json.loads(line[7:])
-    medians = result["median_ms"]
-    assert result["set_lora_calls"]["batched"] > 0 and result["set_lora_calls"]["left_to_vllm"] == 0
+    medians = json.loads(line[7:])["median_ms"]
     assert set(medians) == {"engine_load", "engine_add", "engine_activate", "engine_add_adapter",
                             "engine_after_removal"}
     assert all(ms > 0 for ms in medians.values())
