@@ -186,6 +186,7 @@ step_grid_bench() {
 
 step_lora_load() {
   setup || return 1
+  step_prepare || return 1  # a model prepared before the parts were unpacked lacks its tokenizer, which vLLM needs
   say "loading one adapter: read, vLLM's load, pinning, copy to the GPU; then add_adapter's parts in an engine"
   timeout "$(left)" python3 benchmarks/gpu_lora_load.py --registry "$REG" --model-dir "$MODEL" --slots "${SLOTS:-16}" \
     --preload "${PRELOAD:-128}" ${LORA_LOAD_ONLY:+--only "$LORA_LOAD_ONLY"} --out "$OUT/lora-load.json" 2>&1 | grep -v -i "warn" | tail -40
