@@ -459,6 +459,8 @@ async def run(config: ServeConfig) -> None:
     loras = eng.lora_sizing([a.rank for a in found], base_modules, cpu=cpu, dtype=config.dtype,
                             max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                             max_lora_rank=config.max_lora_rank)
+    if warning := eng.fewer_slots_warning(len(found), loras):
+        log.warning(warning)
     tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras, cpu=cpu, adapter_dirs=[a.path for a in found],
                               base_modules=base_modules)

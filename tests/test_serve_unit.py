@@ -192,6 +192,15 @@ def test_lora_sizing_takes_this_gpus_room_and_the_flags(monkeypatch):
     assert engine.lora_sizing([40], modules, cpu=True).max_lora_rank == 64  # up to a rank vLLM supports
 
 
+def test_a_registry_larger_than_the_slots_is_warned_of_with_the_flag_that_fits_it():
+    from loraplex.serve.engine import fewer_slots_warning
+
+    sized = LoraSizing(max_loras=16, max_cpu_loras=316, max_lora_rank=16)
+    assert fewer_slots_warning(16, sized) is None
+    warning = fewer_slots_warning(300, sized)
+    assert "300 adapters in the registry over 16 LoRA slots" in warning and "--max-loras 300" in warning
+
+
 def _config(tmp_path, **kw) -> ServeConfig:
     return ServeConfig(base_model="m", model_path=tmp_path, served_name="m", adapters_dir=tmp_path, **kw)
 
