@@ -222,8 +222,13 @@ RUNNING_METRIC, WAITING_METRIC = "vllm:num_requests_running", "vllm:num_requests
 # loraplex's event-loop lag histogram: deltas over a burst say whether its HTTP process stopped, and for what.
 FULL_GC_METRIC, LOOP_LAG_METRIC = "python_gc_collections_total", "loraplex_event_loop_lag_seconds"
 GC_PAUSE_METRIC = "loraplex_gc_pause_seconds"  # loraplex: how long its collections held the loop, by generation
-LOOP_STALL_S = "0.1"  # a lag over this (a histogram bucket's bound) counts as a stall
+LOOP_STALL_S = 0.1  # a lag over this (a histogram bucket's bound) counts as a stall
 ITL_METRIC = "vllm:inter_token_latency_seconds"  # both servers: measured where vLLM processes the engine's outputs
+
+
+def _bucket_bound(sample) -> float:
+    """A histogram bucket's upper bound as a number: exporters print it differently ("0.3", "0.30", "+Inf")."""
+    return float(sample.labels.get("le", "nan"))
 
 
 def server_metrics(metrics_text: str) -> dict[str, float]:
@@ -247,11 +252,11 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
                 found["full_gc_s"] = sample.value
             elif sample.name == LOOP_LAG_METRIC + "_count":
                 lag_checks = sample.value
-            elif sample.name == LOOP_LAG_METRIC + "_bucket" and sample.labels.get("le") == LOOP_STALL_S:
+            elif sample.name == LOOP_LAG_METRIC + "_bucket" and _bucket_bound(sample) == LOOP_STALL_S:
                 lag_within = sample.value
             elif sample.name == ITL_METRIC + "_count":  # one series per engine and model name: summed
                 itl_count = (itl_count or 0.0) + sample.value
-            elif sample.name == ITL_METRIC + "_bucket" and float(sample.labels.get("le", "nan")) == LONG_GAP_S:
+            elif sample.name == ITL_METRIC + "_bucket" and _bucket_bound(sample) == LONG_GAP_S:
                 itl_within = (itl_within or 0.0) + sample.value
     if lag_checks is not None and lag_within is not None:
         found["loop_stalls"] = lag_checks - lag_within
