@@ -65,43 +65,50 @@ def test_vllm_finds_every_shipped_config(vllm_reads_configs_from):
     get_configs = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)
     report = json.loads((lora_kernels.PACKAGED_CONFIGS / "NVIDIA_H200_TUNING_REPORT.json").read_text())
     keys = lora_kernels.kernel_keys(lora_kernels.layer_families(LLAMA_8B), 16)
-    for m in (1, 16, 100, 256, 300, 512, 4000, 8192, 16384):  # vLLM takes the nearest tuned batch size
-        for slices, k, n in keys["shrink"]:
-            config = get_configs("shrink", 17, m, k, n, slices)
-            assert {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
-        for slices, k, n in keys["expand"]:
-            for add_inputs in (True, False):
-                config = get_configs("expand", 17, m, n, k, slices, add_inputs)
-                assert {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
+    # the report accounts for each table: its own tuning (256 slots), and the one it kept (16 slots)
+    accounts = {report["max_loras"] + 1: report, **{int(k): v for k, v in report["kept_tables"].items()}}
+    assert sorted(accounts) == [17, 257]
+    for table in accounts:
+        for m in (1, 16, 100, 256, 300, 512, 4000, 8192, 16384):  # vLLM takes the nearest tuned batch size
+            for slices, k, n in keys["shrink"]:
+                config = get_configs("shrink", table, m, k, n, slices)
+                assert {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
+            for slices, k, n in keys["expand"]:
+                for add_inputs in (True, False):
+                    config = get_configs("expand", table, m, n, k, slices, add_inputs)
+                    assert {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
     # and it is the tuned config, not vLLM's default, that comes back
-    row = next(r for r in report["kernels"] if r["kernel"] == "expand" and r["layer"] == "gate_up" and r["m"] == 256)
-    assert get_configs("expand", 17, 256, 14336, 16, 2, True) == row["config"]
-    assert row["speedup"] > 1
-    assert vllm_reads_configs_from(None)("expand", 17, 256, 14336, 16, 2, True) != row["config"]
+    rows = {table: next(r for r in account["kernels"]
+                        if r["kernel"] == "expand" and r["layer"] == "gate_up" and r["m"] == 256)
+            for table, account in accounts.items()}
+    for table, row in rows.items():
+        assert get_configs("expand", table, 256, 14336, 16, 2, True) == row["config"]
+        assert row["speedup"] > 1
+    defaults = vllm_reads_configs_from(None)  # from here on vLLM reads no folder
+    for table, row in rows.items():
+        assert defaults("expand", table, 256, 14336, 16, 2, True) != row["config"]
 
 
-def test_many_slots_get_small_token_blocks_up_to_1024_tokens(vllm_reads_configs_from):
-    """The shipped 256-slot table (vLLM's key 257, the lora_ids length) is the 16-slot one with token blocks of 16
-    (and expand output blocks of 256) where a batch spreads few tokens over each adapter (BENCHMARKS.md, tenth
-    session). vLLM alone takes the nearest key, so 64 slots would read the 16-slot table; the server hands it the
-    256-slot one for 17-255 slots (test_slots_between_tables_run_the_table_tuned_for_more_slots)."""
+def test_the_256_slot_table_is_the_one_its_report_measured(vllm_reads_configs_from):
+    """The shipped 256-slot table (vLLM's key 257, the lora_ids length) is `tune-lora-kernels --max-loras 256`'s,
+    config for config as its report lists them (it replaced a table derived by hand from the 16-slot one: the
+    report's replaced_tables says why), with the serving run that adopted it on file."""
     get_configs = vllm_reads_configs_from(lora_kernels.PACKAGED_CONFIGS)
-    keys = lora_kernels.kernel_keys(lora_kernels.layer_families(LLAMA_8B), 16)
-    for m in (16, 300, 512, 1024):
-        for slices, k, n in keys["shrink"]:
-            many, few = get_configs("shrink", 257, m, k, n, slices), get_configs("shrink", 17, m, k, n, slices)
-            assert many == {**few, "block_m": 16}
-        for slices, k, n in keys["expand"]:
-            for add_inputs in (True, False):
-                many = get_configs("expand", 257, m, n, k, slices, add_inputs)
-                assert many == {**get_configs("expand", 17, m, n, k, slices, add_inputs), "block_m": 16,
-                                "block_n": 256}
-    for m in (2048, 8192):  # prefill chunks: whole prompts per adapter, tuned tiles
-        for slices, k, n in keys["expand"]:
-            assert get_configs("expand", 257, m, n, k, slices, True) == get_configs("expand", 17, m, n, k, slices, True)
-    assert get_configs("expand", 65, 512, 14336, 16, 2, True) == get_configs("expand", 17, 512, 14336, 16, 2, True)
     report = json.loads((lora_kernels.PACKAGED_CONFIGS / "NVIDIA_H200_TUNING_REPORT.json").read_text())
-    assert (Path(__file__).resolve().parents[1] / report["derived_tables"]["257"]["evidence"]).is_file()
+    assert report["max_loras"] == 256 and len(report["kernels"]) == 8 * (4 + 3)  # every batch size was searched
+    for row in report["kernels"]:
+        if row["kernel"] == "shrink":
+            assert get_configs("shrink", 257, row["m"], row["k"], row["n"], row["num_slices"]) == row["config"]
+        else:  # the dual-stream path (add_inputs False) gets the same tiles
+            for add_inputs in (True, False):
+                assert get_configs("expand", 257, row["m"], row["n"], row["k"], row["num_slices"],
+                                   add_inputs) == row["config"]
+    # vLLM alone takes the nearest key, so 64 slots would read the 16-slot table; the server hands it the
+    # 256-slot one for 17-255 slots (test_slots_between_tables_run_the_table_tuned_for_more_slots)
+    assert get_configs("expand", 65, 512, 14336, 16, 2, True) == get_configs("expand", 17, 512, 14336, 16, 2, True)
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / report["evidence"]).is_file()
+    assert (repo / report["replaced_tables"]["257"]["evidence"]).is_file()
 
 
 def test_server_uses_shipped_configs_only_where_tuned(tmp_path):
@@ -233,7 +240,8 @@ def test_tuning_into_a_folder_keeps_its_tables_for_other_slot_counts(tmp_path, m
     report = json.loads((folder / "NVIDIA_H200_TUNING_REPORT.json").read_text())
     assert report["max_loras"] == 64 and set(report["kept_tables"]) == {"17", "257"}
     assert report["kept_tables"]["17"]["max_loras"] == 16 and report["kept_tables"]["17"]["kernels"]
-    assert report["kept_tables"]["257"]["evidence"].endswith("gpu-lora-grid-slots256-2026-11-29.json")
+    assert report["kept_tables"]["257"]["max_loras"] == 256 and report["kept_tables"]["257"]["kernels"]
+    assert report["kept_tables"]["257"]["evidence"].endswith("gpu-serve-loraplex-maxloras232-tuned256-2026-11-30.json")
     assert lora_kernels.folder_problems(folder, "NVIDIA H200", LLAMA_8B) == ([], [])
 
 
