@@ -12,6 +12,8 @@ Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine 
     python benchmarks/gpu_lora_grid.py --slots 256 --batches 512 --actives 32,256 \\
         --grids vllm,compact,compact_map --config 'bm16={"shrink": {"block_m": 16}, "expand": {"block_m": 16}}' \\
         --out /tmp/grid-256.json
+    python benchmarks/gpu_lora_grid.py --slots 232 --batches 512,1024 --actives 1,32,221 --grids compact_map \\
+        --table tuned=/tmp/bench/lora-configs --out /tmp/grid-tables.json   # a tuned folder against the shipped one
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def bench(args) -> dict:
     import torch
 
     from loraplex.serve import lora_grid
-    from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _default_config, _KernelBench,
+    from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _KernelBench,
                                              _use_config_under_test, file_prefix, layer_families)
 
     why = lora_grid.install()
@@ -53,12 +55,9 @@ def bench(args) -> dict:
     lora_grid.restore()
     gpu = torch.cuda.get_device_name()
     tuned = any(PACKAGED_CONFIGS.glob(f"{file_prefix(gpu)}_SHRINK.json")) and not args.vllm_default_configs
-    if tuned:
-        os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(PACKAGED_CONFIGS)
-    else:
-        os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
-    # every timing gets its tile config explicitly: the one the server would look up ("server"), or that with
-    # the --config overrides on top
+    server_folder = PACKAGED_CONFIGS if tuned else None
+    # every timing gets its tile config explicitly: the one the server would look up ("server"), that with the
+    # --config overrides on top, or the one vLLM would look up in each --table folder
     _use_config_under_test()
     configs = {"server": {}, **args.config}
     families = layer_families(SHAPES["8b"])
@@ -70,12 +69,14 @@ def bench(args) -> dict:
                 for op in ("shrink", "expand"):
                     for layer, (fan_in, out_slices) in families.items():
                         kernel = _KernelBench(op, fan_in, out_slices, m, active, slots, args.rank)
-                        server = _default_config(op, fan_in, out_slices, m, slots, args.rank)
+                        shape = (op, fan_in, out_slices, m, slots, args.rank)
+                        server = tile_config(server_folder, *shape)
+                        variants = {name: {**server, **override.get(op, {})} for name, override in configs.items()}
+                        variants.update({name: tile_config(folder, *shape) for name, folder in args.table.items()})
                         lora_grid.restore()
                         reference = kernel.output(server)
                         scale = reference.abs().max().item() + 1e-6
-                        for config_name, override in configs.items():
-                            config = {**server, **override.get(op, {})}
+                        for config_name, config in variants.items():
                             for grid in args.grids:
                                 lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
                                 if GRIDS[grid] is not None:
@@ -110,7 +111,34 @@ def bench(args) -> dict:
     # a kernel report like the tuner's (serve/lora_kernel_configs/*_TUNING_REPORT.json), not a serve/train run
     return {"kind": "lora-kernels", "gpu": gpu, "date": time.strftime("%Y-%m-%d"), "versions": versions(),
             "tuned_configs": tuned, "rank": args.rank, "shape": SHAPES["8b"], "grids": args.grids,
-            "configs": configs, "layer_totals": summary, "largest_relative_difference": worst, "kernels": rows}
+            "configs": configs, "tables": {name: str(folder) for name, folder in args.table.items()},
+            "layer_totals": summary, "largest_relative_difference": worst, "kernels": rows}
+
+
+def tile_config(folder: Path | None, op: str, fan_in: int, slices: tuple[int, ...], m: int, slots: int,
+                rank: int) -> dict:
+    """The tile config vLLM looks up for this kernel shape in a tuned folder (None: its built-in defaults)."""
+    from vllm.lora.ops.triton_ops import utils
+
+    from loraplex.serve.lora_kernels import ENV_FOLDER, _default_config
+
+    if folder is None:
+        os.environ.pop(ENV_FOLDER, None)
+    else:
+        os.environ[ENV_FOLDER] = str(folder)
+    utils.load_lora_op_config.cache_clear()  # vLLM caches the folder's files and each lookup
+    utils.get_lora_op_configs.cache_clear()
+    return _default_config(op, fan_in, slices, m, slots, rank)
+
+
+def parse_table(text: str) -> tuple[str, Path]:
+    """NAME=DIR: a folder of tuned tile tables (vLLM's files, as `loraplex tune-lora-kernels --out` writes)."""
+    name, _, folder = text.partition("=")
+    if not name or name == "server" or not folder:
+        raise argparse.ArgumentTypeError(f"--table wants NAME=DIR with a NAME other than 'server', got {text!r}")
+    if not Path(folder).is_dir():
+        raise argparse.ArgumentTypeError(f"--table {name}: {folder} is not a folder")
+    return name, Path(folder)
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -140,12 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
                              "parameters over the server's config (repeatable).")
+    parser.add_argument("--table", type=parse_table, action="append", default=[],
+                        help="NAME=DIR: also time every grid with the tile configs vLLM would read from this tuned "
+                             "folder (repeatable), e.g. a new tuning against the shipped tables.")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--vllm-default-configs", action="store_true",
                         help="Use vLLM's default tile configs instead of the shipped tuned ones.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.config = dict(args.config)
+    args.config, args.table = dict(args.config), dict(args.table)
+    clash = set(args.config) & set(args.table)
+    if clash:
+        parser.error(f"--config and --table both name {sorted(clash)}: give each variant its own name")
     unknown = set(args.grids) - set(GRIDS)
     if unknown:
         parser.error(f"--grids: unknown {sorted(unknown)}; known: {', '.join(GRIDS)}")

@@ -348,7 +348,8 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
 def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch):
     """The benchmark's loop with stand-ins for the GPU parts (unit test): each timing runs under the grid it
     names (vLLM's kernel, or the compact one with the tile map off or on) and with
-    the server's tile config or that config with the --config override laid over it."""
+    the server's tile config, that config with the --config override laid over it, or the config vLLM reads from
+    a --table folder."""
     import gpu_lora_grid
     import torch
 
@@ -360,7 +361,12 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Test GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
-    monkeypatch.setattr(lora_kernels, "_default_config", lambda op, *a: {"block_m": 64, "block_n": 128})
+    table = tmp_path / "tuned"
+    table.mkdir()
+    # vLLM's lookup, by the folder it is pointed at: the shipped one, or the --table folder
+    monkeypatch.setenv(lora_kernels.ENV_FOLDER, "")
+    monkeypatch.setattr(lora_kernels, "_default_config", lambda op, *a: {
+        "block_m": 32 if os.environ.get(lora_kernels.ENV_FOLDER) == str(table) else 64, "block_n": 128})
     seen = []
 
     class Bench:
@@ -374,24 +380,31 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             return torch.ones(2)
 
         def time_us(self, config):
-            return 10.0 if config["block_m"] == 64 else 5.0
+            return {64: 10.0, 16: 5.0, 32: 2.5}[config["block_m"]]
 
     monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
     # the run sets it; put it back after
     monkeypatch.setattr(lora_grid, "TILE_MAP_FROM_ENTRIES", lora_grid.TILE_MAP_FROM_ENTRIES)
     gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
                         "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
-                        "--out", str(tmp_path / "grid.json")])
+                        "--table", f"tuned={table}", "--out", str(tmp_path / "grid.json")])
     result = json.loads((tmp_path / "grid.json").read_text())
     assert result["configs"] == {"server": {}, "bm16": {"expand": {"block_m": 16}}}
+    assert result["tables"] == {"tuned": str(table)}
     totals = {(t["config_name"], t["grid"]): t["layer_us"] for t in result["layer_totals"]}
     assert totals[("server", "compact_map")] == 80.0  # 8 kernels x 10 us
     assert totals[("bm16", "compact")] == 60.0  # the 4 expand kernels at 5 us
+    assert totals[("tuned", "vllm")] == 20.0  # 8 kernels x 2.5 us, with the table's own configs
     grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
     assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
     assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map"}
     with pytest.raises(SystemExit):
         gpu_lora_grid.main(["--grids", "vllm,fast", "--out", str(tmp_path / "x.json")])
+    for bad in ("server=" + str(table), "tuned=" + str(tmp_path / "missing"), "=" + str(table)):
+        with pytest.raises(SystemExit):
+            gpu_lora_grid.main(["--table", bad, "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        gpu_lora_grid.main(["--table", f"a={table}", "--config", 'a={"expand": {}}', "--out", str(tmp_path / "x.json")])
 
 
 def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path):
