@@ -4,7 +4,8 @@ For each kernel of one Llama-3-8B-shaped decoder layer (shrink and expand of qkv
 and each count of adapters the batch's tokens are spread over: microseconds per call with each grid (vLLM's, the
 compact one, the compact one reading a tile map),
 each timed in a CUDA graph as the server runs them, with the tile configs `loraplex serve` uses on this GPU (the
-shipped tuned folder where it covers the GPU, else vLLM's defaults) and with any --config laid over them, and the
+shipped tuned folder where it covers the GPU, else vLLM's defaults, handed to vLLM as a server with that many slots
+does), with any --config laid over them and with any --table folder's own, and the
 largest difference from vLLM's grid's output with the server's configs (every variant must compute the same numbers).
 Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine step.
 
@@ -46,8 +47,8 @@ def bench(args) -> dict:
     import torch
 
     from loraplex.serve import lora_grid
-    from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _KernelBench,
-                                             _use_config_under_test, file_prefix, layer_families)
+    from loraplex.serve.lora_kernels import (PACKAGED_CONFIGS, _KernelBench, _use_config_under_test, file_prefix,
+                                             layer_families, serve_slot_tables)
 
     why = lora_grid.install()
     if not why.startswith("compact grid"):
@@ -55,7 +56,7 @@ def bench(args) -> dict:
     lora_grid.restore()
     gpu = torch.cuda.get_device_name()
     tuned = any(PACKAGED_CONFIGS.glob(f"{file_prefix(gpu)}_SHRINK.json")) and not args.vllm_default_configs
-    server_folder = PACKAGED_CONFIGS if tuned else None
+    tables = {"server": PACKAGED_CONFIGS if tuned else None, **args.table}
     # every timing gets its tile config explicitly: the one the server would look up ("server"), that with the
     # --config overrides on top, or the one vLLM would look up in each --table folder
     _use_config_under_test()
@@ -63,6 +64,9 @@ def bench(args) -> dict:
     families = layer_families(SHAPES["8b"])
     rows, summary = [], []
     for slots in args.slots:
+        # each folder as a server with this many slots hands it to vLLM (re-keyed to the table tuned for the fewest
+        # slots at or above them, where vLLM's nearest key would pick another)
+        served = {name: folder and serve_slot_tables(str(folder), gpu, slots)[0] for name, folder in tables.items()}
         for m in args.batches:
             for active in actives_for(slots, m, args.actives):
                 totals: dict[tuple[str, str], float] = {}
@@ -70,9 +74,9 @@ def bench(args) -> dict:
                     for layer, (fan_in, out_slices) in families.items():
                         kernel = _KernelBench(op, fan_in, out_slices, m, active, slots, args.rank)
                         shape = (op, fan_in, out_slices, m, slots, args.rank)
-                        server = tile_config(server_folder, *shape)
+                        server = tile_config(served["server"], *shape)
                         variants = {name: {**server, **override.get(op, {})} for name, override in configs.items()}
-                        variants.update({name: tile_config(folder, *shape) for name, folder in args.table.items()})
+                        variants.update({name: tile_config(served[name], *shape) for name in args.table})
                         lora_grid.restore()
                         reference = kernel.output(server)
                         scale = reference.abs().max().item() + 1e-6

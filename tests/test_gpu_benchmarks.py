@@ -407,6 +407,26 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
         gpu_lora_grid.main(["--table", f"a={table}", "--config", 'a={"expand": {}}', "--out", str(tmp_path / "x.json")])
 
 
+def test_kernel_grid_benchmark_reads_each_table_as_a_server_with_those_slots_does(tmp_path, monkeypatch):
+    """vLLM's own lookup would time 128 slots on the shipped 16-slot table (the nearest key); a server with 128
+    slots runs the 256-slot one, re-keyed (serve_slot_tables), and so must the benchmark's "server" variant."""
+    import gpu_lora_grid
+    import torch
+
+    from loraplex.serve import lora_kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200")
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    monkeypatch.setenv(lora_kernels.ENV_FOLDER, "")  # tile_config sets it; put back after
+    shipped = lora_kernels.PACKAGED_CONFIGS
+    shape = ("expand", 4096, (14336, 14336), 512)
+    served, _ = lora_kernels.serve_slot_tables(str(shipped), "NVIDIA H200", 128)
+    as_served = gpu_lora_grid.tile_config(Path(served), *shape, 128, 16)
+    assert as_served == gpu_lora_grid.tile_config(shipped, *shape, 256, 16)
+    assert as_served != gpu_lora_grid.tile_config(shipped, *shape, 128, 16)
+    assert gpu_lora_grid.tile_config(None, *shape, 128, 16) != as_served  # vLLM's default
+
+
 def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path):
     import gpu_lora_load
 
