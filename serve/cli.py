@@ -65,8 +65,9 @@ def serve(
         "nothing). Default: on with a GPU.")] = None,
     warmup: Annotated[Optional[bool], typer.Option(
         help="Before saying ready, run the registry's adapters through the engine in the batch kinds that compile "
-        "LoRA kernels on first use (one to many adapters, 1,016-8,192-token batches), so that the first bursts of "
-        "traffic do not pause for them (24 s more at start for an 8B model on an H200 with empty compile caches). "
+        "LoRA kernels on first use (one to many adapters, 1,016-8,192-token batches), then one token of each "
+        "adapter up to the LoRA slots, so that the first bursts of traffic do not pause to compile kernels or fill "
+        "slots (24 s more at start for an 8B model on an H200 with empty compile caches). "
         "Default: on with a GPU.")] = None,
     pinned_reserve_gb: Annotated[Optional[float], typer.Option(
         help="Pinned host memory (GiB) set aside in the engine's process for loading adapters, so that a new "

@@ -45,8 +45,8 @@ class ServeConfig:
     serve/lora_grid.py) instead of over every adapter times the whole batch. None: on with a GPU."""
     warmup: bool | None = None
     """Before saying ready, run the registry's adapters through the engine in the batch kinds that compile LoRA
-    kernels on first use (`--warmup`, serve/warmup.py), so that the first bursts of traffic do not pause.
-    None: on with a GPU (on CPU vLLM's LoRA kernels are not compiled)."""
+    kernels on first use, then fill the LoRA slots (`--warmup`, serve/warmup.py), so that the first bursts of
+    traffic do not pause. None: on with a GPU (on CPU vLLM's LoRA kernels are not compiled)."""
     pinned_reserve_gb: float | None = None
     """Pinned host memory (GiB) set aside in the engine's process for the adapters it loads
     (`--pinned-reserve-gb`, serve/pinned_memory.py); 0: none. None: on CUDA GPUs, enough for --max-cpu-loras

@@ -34,7 +34,9 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
     """Groups of (adapter name, prompt length). For each count of distinct adapters a batch can hold (powers of
     2 up to the slots and the registry) and each batch size the engine admits, prompts whose lengths add up to
     that size, spread round-robin over that many adapters (more prompts than adapters where one prompt would
-    not fit the context); each size once as given and once OTHER_CLASS_OFFSET tokens smaller."""
+    not fit the context); each size once as given and once OTHER_CLASS_OFFSET tokens smaller. Then, where the
+    slots hold more adapters than those groups used, one group of a one-token prompt for each adapter up to the
+    slots, which fills them."""
     if not adapters:
         return []
     longest = max(1, max_model_len - 1)  # one token left to generate
@@ -50,6 +52,12 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
                 # the exact count (its class is what compiles): the remainder one token each to the first prompts
                 lengths = [whole + 1] * extra + [whole] * (prompts - extra)
                 plan.append([(adapters[i % count], length) for i, length in enumerate(lengths)])
+    # Last, a one-token prompt per adapter up to the slots: the engine moves each into a GPU slot now, not in the
+    # steps of the first traffic that uses them (a first 256-adapter burst over 232 slots paused for its ~227 slot
+    # loads and ran at 0.680 of base against 0.713 in the next; BENCHMARKS.md, seventeenth session).
+    slots = min(max_loras, len(adapters))
+    if slots > max(counts, default=0):
+        plan.append([(name, 1) for name in adapters[:slots]])
     return plan
 
 

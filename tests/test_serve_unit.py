@@ -744,6 +744,21 @@ def test_warmup_plan_covers_each_adapter_count_and_batch_size_the_engine_admits(
     assert warmup_plan(names, max_loras=16, max_batch_tokens=512, max_model_len=4096) == []
 
 
+def test_warmup_fills_every_slot_last_where_its_batches_used_fewer_adapters():
+    from loraplex.serve.warmup import warmup_plan
+
+    names = [f"a{i:03d}" for i in range(256)]
+    plan = warmup_plan(names, max_loras=232, max_batch_tokens=8192, max_model_len=4096)
+    assert max(len({name for name, _ in group}) for group in plan[:-1]) == 64  # the largest count group
+    assert plan[-1] == [(name, 1) for name in names[:232]]  # last: what the slots hold when traffic comes
+    # a registry smaller than the slots: each of its adapters once
+    assert warmup_plan(names[:100], max_loras=256, max_batch_tokens=8192, max_model_len=4096)[-1] == [
+        (name, 1) for name in names[:100]]
+    # where the count groups already used every slot, no fill group
+    assert all(length > 1 for group in warmup_plan(names[:20], max_loras=16, max_batch_tokens=4096,
+                                                   max_model_len=4096) for _, length in group)
+
+
 class GeneratingEngine:
     """Stands in for AsyncLLM.generate: records each request and yields one output."""
 
@@ -771,12 +786,15 @@ def test_warmup_sends_each_group_through_the_engine_with_the_adapters_lora_reque
     engine = GeneratingEngine(max_batch_tokens=2048, max_model_len=1024)
     asyncio.run(warm_up(engine, SimpleNamespace(current=versions), max_loras=16))
     # counts 1 and 2 (not 4: three adapters) x batches of 1,024, 1,016, 2,048 and 2,040 tokens; prompts of at
-    # most 1,023
+    # most 1,023; then the group that puts all three into slots
     groups = Counter(request_id.rsplit("-", 1)[0] for request_id, *_ in engine.requests)
-    assert len(groups) == 8
+    assert len(groups) == 9 and groups["loraplex-warmup-8"] == 3
     assert all(max_tokens == 1 for *_, max_tokens, _ in engine.requests)
     assert all(0 < len(ids) <= 1023 and all(0 <= t < 1000 for t in ids) for _, ids, _, _ in engine.requests)
-    assert {lora for *_, lora in engine.requests} == {"a.v2", "b.v1"}  # the first adapters by name
+    counted = {lora for request_id, *_, lora in engine.requests if not request_id.startswith("loraplex-warmup-8-")}
+    assert counted == {"a.v2", "b.v1"}  # the first adapters by name
+    assert sorted(lora for request_id, *_, lora in engine.requests
+                  if request_id.startswith("loraplex-warmup-8-")) == ["a.v2", "b.v1", "c.v3"]
     prompts = [tuple(ids) for _, ids, _, _ in engine.requests]
     assert len(set(prompts)) == len(prompts)  # distinct: the prefix cache must not skip the work
 
