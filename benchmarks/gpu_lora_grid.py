@@ -32,10 +32,12 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 
 # The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run (the prefix
-# sum in every block or the tile map whatever the slot count).
+# sum in every block or the tile map whatever the slot count; the expand's blocks in vLLM's order or output
+# columns fastest).
 GRIDS = {"vllm": None,
-         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9},
-         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0}}
+         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False},
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False},
+         "compact_map_columns": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True}}
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:

@@ -174,11 +174,18 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ADD_INPUTS: tl.constexpr,
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
-                          TILES, tile_map, TILE_MAP: tl.constexpr, ALIGNED_SLICES: tl.constexpr):
-    # axis 0 = (tile, output block), tile fastest as in vLLM: neighbouring blocks read the same LoRA B columns
+                          TILES, tile_map, TILE_MAP: tl.constexpr, ALIGNED_SLICES: tl.constexpr,
+                          COLUMNS_FASTEST: tl.constexpr):
+    # axis 0 = (tile, output block): tile fastest as in vLLM, where neighbouring blocks read the same LoRA B
+    # columns, or output block fastest (EXPAND_COLUMNS_FASTEST), where they read one adapter's B in order
     pid = tl.program_id(axis=0)
-    tile = pid % TILES
-    pid_n = pid // TILES
+    if COLUMNS_FASTEST:
+        columns = tl.cdiv(N, BLOCK_N)
+        tile = pid // columns
+        pid_n = pid % columns
+    else:
+        tile = pid % TILES
+        pid_n = pid // TILES
     slice_id = tl.program_id(axis=1)
     entry, pid_m, tiles = locate_tile(tile, tile_map, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2,
                                       BLOCK_M, TILE_MAP)
@@ -231,6 +238,15 @@ def unspecialised(kernel, names: tuple[str, ...]):
 # and is paid once per block, and a decode step over ~220 adapters in 256 slots launches ~50,000 blocks per
 # expand kernel (BENCHMARKS.md, tenth session).
 TILE_MAP_FROM_ENTRIES = 65
+
+# The order of a compact expand's blocks. vLLM's (False): the same output columns of each tile in turn, so that the
+# token blocks of one adapter read its B weights from L2 one after another. With many adapters of a token block
+# each nothing is shared that way, and blocks running side by side read ~8 KB from each of ~4,000 places in the
+# B weights of all adapters (on an H200, gate_up's expand at 512 tokens over 221 adapters read them at ~0.8
+# TB/s, o's at ~1.7; BENCHMARKS.md, seventeenth session). True: the next output columns of one tile first, so
+# neighbouring blocks read one adapter's B in order. Off until measured on a GPU (benchmarks/gpu_lora_grid.py,
+# grid compact_map_columns).
+EXPAND_COLUMNS_FASTEST = False
 
 
 class SliceLayout:
@@ -300,6 +316,7 @@ class CompactLaunch:
         else:
             extra["TILES"] = tiles
             extra["ALIGNED_SLICES"] = self.slice_layout is not None and self.slice_layout.slices_aligned(named)
+            extra["COLUMNS_FASTEST"] = EXPAND_COLUMNS_FASTEST
         return (blocks, vllm_grid[1], 1), extra
 
     def tile_map(self, named: dict, extra: dict):

@@ -59,7 +59,7 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
                 with_base_tokens: bool, **settings) -> dict:
-    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES)."""
+    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, EXPAND_COLUMNS_FASTEST)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -86,7 +86,8 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
             compact = super().grid(vllm_grid, named)
             launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
                              "tile_map": bool(compact and compact[1]["TILE_MAP"]),
-                             "aligned_slices": bool(compact and compact[1]["ALIGNED_SLICES"])})
+                             "aligned_slices": bool(compact and compact[1]["ALIGNED_SLICES"]),
+                             "columns_fastest": bool(compact and compact[1]["COLUMNS_FASTEST"])})
             return compact
 
     kept_settings = {name: getattr(lora_grid, name) for name in settings}
@@ -152,7 +153,13 @@ def main() -> None:
                       expand_case(8, 300, 8, (96,), True, True),
                       # slices not all multiples of 16 wide or placed: the kernel's unaligned path
                       expand_case(9, 200, 4, (32, 40, 24), True, True),
-                      expand_case(10, 200, 4, (32, 40, 24), False, False, TILE_MAP_FROM_ENTRIES=0)]
+                      expand_case(10, 200, 4, (32, 40, 24), False, False, TILE_MAP_FROM_ENTRIES=0),
+                      # output columns fastest: qkv-like, gate_up-like, one slice, unaligned, with the tile map
+                      expand_case(11, 200, 4, (48, 16, 16), True, True, EXPAND_COLUMNS_FASTEST=True),
+                      expand_case(12, 300, 8, (64, 64), True, False, EXPAND_COLUMNS_FASTEST=True),
+                      expand_case(13, 300, 8, (96,), False, True, EXPAND_COLUMNS_FASTEST=True),
+                      expand_case(14, 200, 4, (32, 40, 24), True, True, TILE_MAP_FROM_ENTRIES=0,
+                                  EXPAND_COLUMNS_FASTEST=True)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

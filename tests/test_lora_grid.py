@@ -46,13 +46,15 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 9, "the cases meant for the compact grid did not use it"
-    # the setting reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced)
+    assert len(compact) == 13, "the cases meant for the compact grid did not use it"
+    # the settings reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) ...
     assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
-                                                                True]
+                                                                True, False, False, False, True]
+    # ... and the expand's blocks with output columns fastest (EXPAND_COLUMNS_FASTEST), in the last four
+    assert [c["launches"][0]["columns_fastest"] for c in compact] == [False] * 9 + [True] * 4
     # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
     assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
-                                                                      False, False]
+                                                                      False, False, True, True, False, False]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
