@@ -72,7 +72,8 @@ def test_vllm_finds_every_shipped_config(vllm_reads_configs_from):
         for m in (1, 16, 100, 256, 300, 512, 4000, 8192, 16384):  # vLLM takes the nearest tuned batch size
             for slices, k, n in keys["shrink"]:
                 config = get_configs("shrink", table, m, k, n, slices)
-                assert {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "num_ctas"} <= set(config)
+                assert {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages",
+                        "num_ctas"} <= set(config)
             for slices, k, n in keys["expand"]:
                 for add_inputs in (True, False):
                     config = get_configs("expand", table, m, n, k, slices, add_inputs)
