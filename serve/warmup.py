@@ -54,8 +54,8 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
                 plan.append([(adapters[i % count], length) for i, length in enumerate(lengths)])
     # Last, a one-token prompt per adapter up to the slots: the engine moves each into a GPU slot now, not in the
     # steps of the first traffic that uses them (a first 256-adapter burst over 232 slots, which moved ~227 adapters
-    # into slots, had 934 engine steps' gaps over 300 ms and ran at 0.680 of base; the next, none and 0.713;
-    # BENCHMARKS.md, seventeenth session).
+    # into slots, had 934 inter-token gaps over 300 ms in the engine and ran at 0.680 of base; the next, none and
+    # 0.713; BENCHMARKS.md, seventeenth session).
     slots = min(max_loras, len(adapters))
     if slots > max(counts, default=0):
         plan.append([(name, 1) for name in adapters[:slots]])
