@@ -426,6 +426,31 @@ def test_kernel_grid_benchmark_reads_each_table_as_a_server_with_those_slots_doe
     assert as_served != gpu_lora_grid.tile_config(shipped, *shape, 128, 16)
     assert gpu_lora_grid.tile_config(None, *shape, 128, 16) != as_served  # vLLM's default
 
+    # and the benchmark's run itself times that config as its "server" variant (GPU parts stood in for)
+    from loraplex.serve import lora_grid
+
+    monkeypatch.setattr(lora_grid, "install", lambda: "compact grid")
+    monkeypatch.setattr(lora_grid, "restore", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(lora_kernels, "_use_config_under_test", lambda: None)
+
+    class Bench:
+        def __init__(self, *args):
+            pass
+
+        def output(self, config):
+            return torch.ones(2)
+
+        def time_us(self, config):
+            return 1.0
+
+    monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
+    gpu_lora_grid.main(["--slots", "128", "--batches", "512", "--actives", "1", "--grids", "vllm",
+                        "--out", str(tmp_path / "grid.json")])
+    rows = json.loads((tmp_path / "grid.json").read_text())["kernels"]
+    timed = next(r for r in rows if r["kernel"] == "expand" and r["layer"] == "gate_up")
+    assert timed["config_name"] == "server" and timed["config"] == as_served
+
 
 def test_adapter_load_probe_needs_distinct_adapters_and_known_settings(tmp_path):
     import gpu_lora_load
