@@ -241,11 +241,12 @@ TILE_MAP_FROM_ENTRIES = 65
 
 # The order of a compact expand's blocks. vLLM's (False): the same output columns of each tile in turn, so that the
 # token blocks of one adapter read its B weights from L2 one after another. With many adapters of a token block each
-# nothing is shared that way, and blocks running side by side each read a few KB of another adapter's B weights (on
-# an H200, gate_up's expand at 512 tokens over 221 adapters read them at ~0.8 TB/s, o's at ~1.7; BENCHMARKS.md,
-# seventeenth session). True: the next output columns of one tile first, so neighbouring blocks read one adapter's B
-# in order. Off until measured on a GPU (benchmarks/gpu_lora_grid.py, grid compact_map_columns).
-EXPAND_COLUMNS_FASTEST = False
+# nothing is shared that way, and blocks running side by side each read a few KB of another adapter's B weights.
+# True: the next output columns of one tile first, so neighbouring blocks read one adapter's B in order. On an H200
+# one decoder layer's LoRA kernels ran 1.07-1.10x faster over 32 adapters and 1.05-1.13x over 221 (256-8,192
+# tokens), the same with one adapter (BENCHMARKS.md, eighteenth session); False stays for the kernel benchmark's
+# comparison (benchmarks/gpu_lora_grid.py, grid compact_map).
+EXPAND_COLUMNS_FASTEST = True
 
 
 class SliceLayout:

@@ -50,8 +50,9 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
     # the settings reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) ...
     assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
                                                                 True, False, False, False, True]
-    # ... and the expand's blocks with output columns fastest (EXPAND_COLUMNS_FASTEST), in the last four
-    assert [c["launches"][0]["columns_fastest"] for c in compact] == [False] * 9 + [True] * 4
+    # ... and the expand's block order: output columns fastest by default, vLLM's order in the last four
+    assert lora_grid.EXPAND_COLUMNS_FASTEST
+    assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4
     # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
     assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
                                                                       False, False, True, True, False, False]
