@@ -61,7 +61,7 @@ def fewer_slots_warning(registry_adapters: int, loras: LoraSizing) -> str | None
     return (f"{registry_adapters} adapters in the registry over {loras.max_loras} LoRA slots: requests using more "
             f"adapters at once than the slots run in waves (uniform traffic over ~227 adapters through 128 slots ran "
             f"at about half the base model's tokens/s on an H200, in vLLM's own server too; through 232 slots, one "
-            f"wave, at 0.72). --max-loras {registry_adapters} gives every adapter a slot, at GPU memory per slot "
+            f"wave, at 0.73-0.81). --max-loras {registry_adapters} gives every adapter a slot, at GPU memory per slot "
             f"whether used or not; as many slots as the adapters used at once is enough")
 
 

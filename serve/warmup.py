@@ -53,9 +53,10 @@ def warmup_plan(adapters: list[str], max_loras: int, max_batch_tokens: int, max_
                 lengths = [whole + 1] * extra + [whole] * (prompts - extra)
                 plan.append([(adapters[i % count], length) for i, length in enumerate(lengths)])
     # Last, a one-token prompt per adapter up to the slots: the engine moves each into a GPU slot now, not in the
-    # steps of the first traffic that uses them (a first 256-adapter burst over 232 slots, which moved ~227 adapters
-    # into slots, had 934 inter-token gaps over 300 ms in the engine and ran at 0.680 of base; the next, none and
-    # 0.713; BENCHMARKS.md, seventeenth session).
+    # steps of the first traffic that uses them. On an H200 the first 256-adapter burst over 232 slots had 934, 324
+    # and 158 engine inter-token gaps over 300 ms without this group, 345, 0 and 34 with it; the first large burst
+    # after start has such gaps whatever its traffic, so how much of that is slot moves is not shown (BENCHMARKS.md,
+    # seventeenth and eighteenth sessions).
     slots = min(max_loras, len(adapters))
     if slots > max(counts, default=0):
         plan.append([(name, 1) for name in adapters[:slots]])
