@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Adapter counts the tokens are spread over (default 1,4,8,16,32,64 and every slot).")
     parser.add_argument("--grids", type=lambda s: s.split(","), default=["vllm", "compact"],
                         help=f"Grids to time, the first being the baseline of the speedups ({', '.join(GRIDS)}; "
-                             "compact_map: the compact grid with the tile map whatever the slot count, its expand in vLLM's block "
-                             "order; compact_map_columns: the same with the server's order).")
+                             "compact_map: the compact grid with the tile map whatever the slot count, its expand "
+                             "in vLLM's block order; compact_map_columns: the same in the server's order).")
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
                              "parameters over the server's config (repeatable).")

@@ -243,9 +243,9 @@ TILE_MAP_FROM_ENTRIES = 65
 # token blocks of one adapter read its B weights from L2 one after another. With many adapters of a token block each
 # nothing is shared that way, and blocks running side by side each read a few KB of another adapter's B weights.
 # True: the next output columns of one tile first, so neighbouring blocks read one adapter's B in order. On an H200
-# one decoder layer's LoRA kernels ran 1.07-1.10x faster over 32 adapters and 1.05-1.13x over 221 (256-8,192
-# tokens), the same with one adapter (BENCHMARKS.md, eighteenth session); False stays for the kernel benchmark's
-# comparison (benchmarks/gpu_lora_grid.py, grid compact_map).
+# one decoder layer's LoRA kernels ran 1.07-1.10x faster over 32 adapters and 1.11-1.13x over 221 at decode sizes
+# (256-1,024 tokens), 1.00x and 1.05x at 8,192, the same with one adapter (BENCHMARKS.md, eighteenth session);
+# False stays for the kernel benchmark's comparison (benchmarks/gpu_lora_grid.py, grid compact_map).
 EXPAND_COLUMNS_FASTEST = True
 
 
