@@ -450,7 +450,7 @@ async def run(config: ServeConfig) -> None:
     from loraplex.serve import engine as eng
     from loraplex.serve.adapters import AdapterManager, base_module_shapes
     from loraplex.serve.aliases import load_aliases
-    from loraplex.serve.metrics import Metrics
+    from loraplex.serve.metrics import Metrics, keep_latest_lora_info
 
     aliases = load_aliases(config.aliases_file)
     found, _ = list_adapters(config.adapters_dir, config.allowed_adapter_roots)
@@ -464,6 +464,7 @@ async def run(config: ServeConfig) -> None:
     tokenizer = eng.load_tokenizer(config)
     engine = eng.build_engine(config, loras, cpu=cpu, adapter_dirs=[a.path for a in found],
                               base_modules=base_modules)
+    log.info("engine metrics: %s", keep_latest_lora_info())
     scanner = watchdog = None
     watchers: list[asyncio.Task] = []
     engine_died = asyncio.Event()  # while serving, not because it was asked to stop

@@ -252,6 +252,15 @@ def test_mixed_adapters_concurrent_equal_alone(client, server):
     assert max(adapters_seen_together, default=0) >= 2, "adapters were never batched together"
 
 
+def test_vllm_lora_info_gauge_keeps_one_series(client, http):
+    # vLLM sets vllm:lora_requests_info each engine step with that step's adapters as label values; every new set
+    # would stay a series for the life of the server
+    for model in ("a1", "a2", BASE):
+        chat(client, model, max_tokens=2)
+    series = [line for line in http.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert len(series) == 1, series
+
+
 def test_alias_is_sticky_per_user_and_says_which_adapter(http):
     def ask(user):
         r = http.post("/v1/chat/completions", json={"model": "support-bot", "user": user, "max_tokens": 2,

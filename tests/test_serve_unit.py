@@ -234,6 +234,25 @@ def test_gc_pauses_reach_the_metrics_by_generation():
     assert 'loraplex_gc_pause_seconds_count{generation="0"} 1.0' in text
 
 
+def test_vllm_lora_info_gauge_keeps_only_its_latest_adapter_set():
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from loraplex.serve.metrics import keep_latest_lora_info
+
+    registry = CollectorRegistry()
+    assert "nothing to bound" in keep_latest_lora_info(registry)
+    # as vLLM's stat logger declares and sets it, once per engine step
+    gauge = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                  ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=registry)
+    assert "only the latest" in keep_latest_lora_info(registry)
+    for running, waiting in (("a1,a2", "a3"), ("a1,a2", "a3"), ("a2", ""), ("", "")):
+        gauge.labels(max_lora=4, waiting_lora_adapters=waiting, running_lora_adapters=running).set_to_current_time()
+        series = [line for line in generate_latest(registry).decode().splitlines()
+                  if line.startswith("vllm:lora_requests_info{")]
+        assert len(series) == 1, series
+        assert f'running_lora_adapters="{running}"' in series[0] and f'waiting_lora_adapters="{waiting}"' in series[0]
+
+
 def test_server_start_leaves_its_heap_out_of_later_collections():
     """What exists when the server starts serving is frozen: later full collections skip it."""
     built_at_start = {"objects": [object() for _ in range(1000)]}
