@@ -261,7 +261,9 @@ def create_app(serving: Serving) -> FastAPI:
         return {"status": "ready"}
 
     @app.get("/metrics")
-    async def metrics():
+    def metrics():
+        # a plain def: FastAPI runs it in its thread pool, so rendering (pure Python, every series of every model,
+        # some milliseconds with many adapters) does not stop the event loop that streams every token
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=api)

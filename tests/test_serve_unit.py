@@ -253,6 +253,28 @@ def test_vllm_lora_info_gauge_keeps_only_its_latest_adapter_set():
         assert f'running_lora_adapters="{running}"' in series[0] and f'waiting_lora_adapters="{waiting}"' in series[0]
 
 
+def test_metrics_render_off_the_event_loop(tmp_path):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from loraplex.serve.app import create_app
+
+    serving = serving_for(tmp_path)
+    rendered_in = []
+
+    def render():
+        rendered_in.append(threading.current_thread())
+        return b"loraplex_requests_in_flight 0.0\n"
+
+    serving.metrics.render = render
+    with TestClient(create_app(serving)) as client:
+        loop_thread = client.portal.call(threading.current_thread)  # the thread the app's event loop runs in
+        response = client.get("/metrics")
+    assert response.status_code == 200 and response.text == "loraplex_requests_in_flight 0.0\n"
+    assert rendered_in and rendered_in[0] is not loop_thread
+
+
 def test_server_start_leaves_its_heap_out_of_later_collections():
     """What exists when the server starts serving is frozen: later full collections skip it."""
     built_at_start = {"objects": [object() for _ in range(1000)]}
