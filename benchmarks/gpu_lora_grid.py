@@ -20,6 +20,7 @@ Summed over the eight kernels, x 32 layers, that is the LoRA time of one engine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -38,6 +39,24 @@ GRIDS = {"vllm": None,
          "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False},
          "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False},
          "compact_map_columns": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True}}
+
+
+@contextlib.contextmanager
+def grid_settings(lora_grid, grid: str):
+    """vLLM's kernels (grid "vllm") or the compact grid with lora_grid's settings for `grid` (GRIDS) while inside;
+    the settings as they were (the server's) after, so nothing that runs next times or computes another grid's."""
+    settings = GRIDS[grid] or {}
+    kept = {name: getattr(lora_grid, name) for name in settings}
+    lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
+    if GRIDS[grid] is not None:
+        lora_grid.install()
+    for name, value in settings.items():
+        setattr(lora_grid, name, value)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(lora_grid, name, value)
 
 
 def actives_for(slots: int, m: int, wanted: list[int] | None) -> list[int]:
@@ -84,24 +103,20 @@ def bench(args) -> dict:
                         scale = reference.abs().max().item() + 1e-6
                         for config_name, config in variants.items():
                             for grid in args.grids:
-                                lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
-                                if GRIDS[grid] is not None:
-                                    lora_grid.install()
-                                    for name, value in GRIDS[grid].items():
-                                        setattr(lora_grid, name, value)
-                                row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
-                                       "config_name": config_name, "grid": grid, "config": config}
-                                try:
-                                    output, us = kernel.output(config), kernel.time_us(config)
-                                except Exception as e:  # a tile config Triton cannot build on this GPU
-                                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                                    totals[(config_name, grid)] = float("nan")
-                                else:
-                                    row["us"] = round(us, 2)
-                                    difference = (output - reference).abs().max().item() / scale
-                                    row["max_rel_diff"] = float(f"{difference:.2e}")
-                                    totals[(config_name, grid)] = totals.get((config_name, grid), 0.0) + us
-                                rows.append(row)
+                                with grid_settings(lora_grid, grid):
+                                    row = {"slots": slots, "m": m, "active": active, "kernel": op, "layer": layer,
+                                           "config_name": config_name, "grid": grid, "config": config}
+                                    try:
+                                        output, us = kernel.output(config), kernel.time_us(config)
+                                    except Exception as e:  # a tile config Triton cannot build on this GPU
+                                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                        totals[(config_name, grid)] = float("nan")
+                                    else:
+                                        row["us"] = round(us, 2)
+                                        difference = (output - reference).abs().max().item() / scale
+                                        row["max_rel_diff"] = float(f"{difference:.2e}")
+                                        totals[(config_name, grid)] = totals.get((config_name, grid), 0.0) + us
+                                    rows.append(row)
                         lora_grid.restore()
                         del kernel
                 baseline = totals[("server", args.grids[0])]

@@ -347,9 +347,9 @@ def test_kernel_grid_benchmark_says_why_it_cannot_run_without_a_gpu(tmp_path):
 
 def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch):
     """The benchmark's loop with stand-ins for the GPU parts (unit test): each timing runs under the grid it
-    names (vLLM's kernel, or the compact one with the tile map off or on) and with
-    the server's tile config, that config with the --config override laid over it, or the config vLLM reads from
-    a --table folder."""
+    names (vLLM's kernel, or the compact one with the tile map off or on, the expand's blocks in either order) and
+    with the server's tile config, that config with the --config override laid over it, or the config vLLM reads
+    from a --table folder."""
     import gpu_lora_grid
     import torch
 
@@ -374,8 +374,8 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             self.op = op
 
         def output(self, config):
-            grid = ("vllm" if not state["installed"] else
-                    "compact_map" if lora_grid.TILE_MAP_FROM_ENTRIES == 0 else "compact")
+            grid = ("vllm" if not state["installed"] else "compact" if lora_grid.TILE_MAP_FROM_ENTRIES else
+                    "compact_map_columns" if lora_grid.EXPAND_COLUMNS_FASTEST else "compact_map")
             seen.append((self.op, grid, config["block_m"]))
             return torch.ones(2)
 
@@ -383,10 +383,9 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             return {64: 10.0, 16: 5.0, 32: 2.5}[config["block_m"]]
 
     monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
-    # the run sets it; put it back after
-    monkeypatch.setattr(lora_grid, "TILE_MAP_FROM_ENTRIES", lora_grid.TILE_MAP_FROM_ENTRIES)
+    server_settings = (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST)
     gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
-                        "vllm,compact,compact_map", "--config", 'bm16={"expand": {"block_m": 16}}',
+                        "vllm,compact,compact_map,compact_map_columns", "--config", 'bm16={"expand": {"block_m": 16}}',
                         "--table", f"tuned={table}", "--out", str(tmp_path / "grid.json")])
     result = json.loads((tmp_path / "grid.json").read_text())
     assert result["configs"] == {"server": {}, "bm16": {"expand": {"block_m": 16}}}
@@ -397,7 +396,9 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     assert totals[("tuned", "vllm")] == 20.0  # 8 kernels x 2.5 us, with the table's own configs
     grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
     assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
-    assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map"}
+    assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map", "compact_map_columns"}
+    # each grid's settings held for its own timings only: what runs next in this process gets the server's
+    assert (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST) == server_settings
     with pytest.raises(SystemExit):
         gpu_lora_grid.main(["--grids", "vllm,fast", "--out", str(tmp_path / "x.json")])
     for bad in ("server=" + str(table), "tuned=" + str(tmp_path / "missing"), "=" + str(table)):
