@@ -224,6 +224,7 @@ FULL_GC_METRIC, LOOP_LAG_METRIC = "python_gc_collections_total", "loraplex_event
 GC_PAUSE_METRIC = "loraplex_gc_pause_seconds"  # loraplex: how long its collections held the loop, by generation
 LOOP_STALL_S = 0.1  # a lag over this (a histogram bucket's bound) counts as a stall
 ITL_METRIC = "vllm:inter_token_latency_seconds"  # both servers: measured where vLLM processes the engine's outputs
+LORA_INFO_METRIC = "vllm:lora_requests_info"  # one series per set of adapters it keeps
 
 
 def _bucket_bound(sample) -> float:
@@ -235,7 +236,9 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
     """From a Prometheus /metrics page: the engine's running and waiting requests (vLLM's gauges, which
     `loraplex serve` also exports, summed over label sets), the front end's full garbage collections so far, and
     (loraplex) the seconds they held its event loop, its event-loop lag checks and those later than LOOP_STALL_S so
-    far, and vLLM's inter-token latencies longer than LONG_GAP_S so far; absent metrics are left out."""
+    far, vLLM's inter-token latencies longer than LONG_GAP_S so far, and how many series of vLLM's LoRA info gauge
+    the page holds (vLLM's server keeps one per set of adapters it has seen running, loraplex only the latest);
+    absent metrics are left out."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {RUNNING_METRIC: "running", WAITING_METRIC: "waiting"}
@@ -254,6 +257,8 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
                 lag_checks = sample.value
             elif sample.name == LOOP_LAG_METRIC + "_bucket" and _bucket_bound(sample) == LOOP_STALL_S:
                 lag_within = sample.value
+            elif sample.name == LORA_INFO_METRIC:
+                found["lora_info_series"] = found.get("lora_info_series", 0) + 1
             elif sample.name == ITL_METRIC + "_count":  # one series per engine and model name: summed
                 itl_count = (itl_count or 0.0) + sample.value
             elif sample.name == ITL_METRIC + "_bucket" and _bucket_bound(sample) == LONG_GAP_S:
@@ -299,7 +304,12 @@ class BurstSampler:
         with httpx.Client(timeout=2.0) as http:
             def sample_metrics():
                 try:
-                    self.queue.append((time.time(), server_metrics(http.get(self.url + "/metrics").text)))
+                    began = time.time()
+                    text = http.get(self.url + "/metrics").text
+                    sample = server_metrics(text)
+                    # what each scrape costs the server: the page it renders, and how long it took to answer
+                    sample["page_kib"], sample["scrape_ms"] = len(text) / 1024, (time.time() - began) * 1000
+                    self.queue.append((time.time(), sample))
                 except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
                     pass
 
@@ -331,6 +341,11 @@ class BurstSampler:
             if values:
                 out[f"{key}_mean"] = round(sum(values) / len(values), 1)
                 out[f"{key}_max"] = max(values)
+        for key, name in (("page_kib", "metrics_page_kib_max"), ("scrape_ms", "metrics_scrape_ms_max"),
+                          ("lora_info_series", "lora_info_series_max")):
+            values = [q[key] for q in queue if key in q]
+            if values:
+                out[name] = round(max(values), 1)
         # counters: from the last sample before the burst to the first after it
         for key, name, scale in (("full_gcs", "front_end_full_gcs", None),
                                  ("full_gc_s", "front_end_full_gc_ms", 1000),

@@ -166,9 +166,13 @@ def test_burst_samples_count_only_the_bursts_own_span():
                'vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="m"} 1000.0\n'
                'vllm:inter_token_latency_seconds_count{engine="0",model_name="m"} 1000.0\n'
                'vllm:inter_token_latency_seconds_bucket{engine="1",le="0.3",model_name="m"} 5.0\n'
-               'vllm:inter_token_latency_seconds_count{engine="1",model_name="m"} 7.0\n')
+               'vllm:inter_token_latency_seconds_count{engine="1",model_name="m"} 7.0\n'
+               '# TYPE vllm:lora_requests_info gauge\n'
+               'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a1,a2",waiting_lora_adapters=""} 1.7e9\n'
+               'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a2",waiting_lora_adapters="a3"} 1.7e9\n')
     assert gpu_serve.server_metrics(metrics) == {"running": 36.0, "waiting": 400.0, "full_gcs": 7.0,
-                                                 "full_gc_s": 0.35, "loop_stalls": 3.0, "itl_over_300ms": 12.0}
+                                                 "full_gc_s": 0.35, "loop_stalls": 3.0, "itl_over_300ms": 12.0,
+                                                 "lora_info_series": 2}
     assert gpu_serve.server_metrics("loraplex_requests_in_flight 3.0\n") == {}
 
     sampler = gpu_serve.BurstSampler("http://127.0.0.1:9")
@@ -177,6 +181,12 @@ def test_burst_samples_count_only_the_bursts_own_span():
     records = [{"start": 10.0, "end": 12.0}, {"start": 10.1, "end": 11.0}]
     assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
                                         "waiting_mean": 5.0, "waiting_max": 10.0}
+    # what the scrapes inside the burst cost: the largest page, the slowest answer, the most LoRA info series
+    sampler.queue = [(9.0, {"page_kib": 900.0, "scrape_ms": 80.0, "lora_info_series": 500}),
+                     (10.2, {"page_kib": 20.0, "scrape_ms": 3.0, "lora_info_series": 1}),
+                     (11.8, {"page_kib": 24.5, "scrape_ms": 2.0, "lora_info_series": 1})]
+    assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "metrics_page_kib_max": 24.5,
+                                        "metrics_scrape_ms_max": 3.0, "lora_info_series_max": 1}
     # counters from the last sample before the burst to the first after it (the one after the stop included)
     sampler.queue = [(9.0, {"full_gcs": 1.0, "loop_stalls": 0.0}), (9.6, {"full_gcs": 2.0, "loop_stalls": 1.0}),
                      (11.0, {"full_gcs": 3.0, "loop_stalls": 2.0}), (12.1, {"full_gcs": 5.0, "loop_stalls": 4.0}),
