@@ -68,9 +68,9 @@ def keep_latest_lora_info(registry=DEFAULT_REGISTRY) -> str:
     """Bound vLLM's `vllm:lora_requests_info` gauge to its latest series; returns what was done, for the log.
 
     vLLM sets that gauge once per engine step with the step's running and waiting adapter names (comma-joined) as
-    label values, and prometheus_client keeps every series it has seen: with many adapters nearly every step adds a
-    new one, for the life of the process (2,000 series of ~220 adapter names render as 2.2 MB in ~40 ms, and the
-    handler renders on the event loop that streams every token). Readers of the gauge take the series with the
+    label values, and prometheus_client keeps every series it has seen: each new set of adapters in use (with many
+    adapters, as often as requests join and finish) adds one for the life of the process, and every scrape renders
+    them all (2,000 series of ~220 adapter names: 2.2 MB in ~40 ms). Readers of the gauge take the series with the
     newest time, which is the one kept; the metric's name and labels are unchanged. Written here because neither
     vLLM nor prometheus_client bounds a gauge's label sets."""
     gauge = getattr(registry, "_names_to_collectors", {}).get(VLLM_LORA_INFO)
