@@ -44,10 +44,10 @@ GRIDS = {"vllm": None,
 @contextlib.contextmanager
 def grid_settings(lora_grid, grid: str):
     """vLLM's kernels (grid "vllm") or the compact grid with lora_grid's settings for `grid` (GRIDS) while inside;
-    the settings as they were (the server's) after, so nothing that runs next times or computes another grid's."""
+    vLLM's kernels and the settings as they were (the server's) after, so nothing that runs next times or computes
+    another grid's."""
     settings = GRIDS[grid] or {}
     kept = {name: getattr(lora_grid, name) for name in settings}
-    lora_grid.restore()  # from vLLM's kernels: no variant of the grid before stays
     if GRIDS[grid] is not None:
         lora_grid.install()
     for name, value in settings.items():
@@ -55,6 +55,7 @@ def grid_settings(lora_grid, grid: str):
     try:
         yield
     finally:
+        lora_grid.restore()
         for name, value in kept.items():
             setattr(lora_grid, name, value)
 
@@ -98,8 +99,7 @@ def bench(args) -> dict:
                         server = tile_config(served["server"], *shape)
                         variants = {name: {**server, **override.get(op, {})} for name, override in configs.items()}
                         variants.update({name: tile_config(served[name], *shape) for name in args.table})
-                        lora_grid.restore()
-                        reference = kernel.output(server)
+                        reference = kernel.output(server)  # vLLM's kernels: outside grid_settings
                         scale = reference.abs().max().item() + 1e-6
                         for config_name, config in variants.items():
                             for grid in args.grids:
@@ -117,7 +117,6 @@ def bench(args) -> dict:
                                         row["max_rel_diff"] = float(f"{difference:.2e}")
                                         totals[(config_name, grid)] = totals.get((config_name, grid), 0.0) + us
                                     rows.append(row)
-                        lora_grid.restore()
                         del kernel
                 baseline = totals[("server", args.grids[0])]
                 for (config_name, grid), us in totals.items():

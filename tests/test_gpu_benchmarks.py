@@ -407,6 +407,8 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
     assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
     assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map", "compact_map_columns"}
+    # each kernel's reference and its three variants' "vllm" timings ran on vLLM's kernels, after compact grids
+    assert sum(grid == "vllm" for _, grid, _ in seen) == 8 * (1 + 3)
     # each grid's settings held for its own timings only: what runs next in this process gets the server's
     assert (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST) == server_settings
     with pytest.raises(SystemExit):
