@@ -22,6 +22,7 @@ layers of one (SliceLayout). It knows the kernel parameters of vLLM 0.26; with a
 from __future__ import annotations
 
 import inspect
+import os
 
 import triton
 import triton.language as tl
@@ -175,17 +176,18 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
                           TILES, tile_map, TILE_MAP: tl.constexpr, ALIGNED_SLICES: tl.constexpr,
-                          COLUMNS_FASTEST: tl.constexpr):
-    # axis 0 = (tile, output block): tile fastest as in vLLM, where neighbouring blocks read the same LoRA B
-    # columns, or output block fastest (EXPAND_COLUMNS_FASTEST), where they read one adapter's B in order
+                          COLUMNS_FASTEST: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
+    # axis 0 = (tile, output blocks): tile fastest as in vLLM, where neighbouring blocks read the same LoRA B
+    # columns, or output blocks fastest (EXPAND_COLUMNS_FASTEST), where they read one adapter's B in order; a
+    # program does COLUMN_BLOCKS output blocks of its tile one after another (1 in vLLM's order)
     pid = tl.program_id(axis=0)
     if COLUMNS_FASTEST:
-        columns = tl.cdiv(N, BLOCK_N)
-        tile = pid // columns
-        pid_n = pid % columns
+        programs_per_tile = tl.cdiv(tl.cdiv(N, BLOCK_N), COLUMN_BLOCKS)
+        tile = pid // programs_per_tile
+        first_n = (pid % programs_per_tile) * COLUMN_BLOCKS
     else:
         tile = pid % TILES
-        pid_n = pid // TILES
+        first_n = pid // TILES
     slice_id = tl.program_id(axis=1)
     entry, pid_m, tiles = locate_tile(tile, tile_map, num_tokens_per_lora, lora_ids, NUM_ENTRIES, ENTRIES_P2,
                                       BLOCK_M, TILE_MAP)
@@ -197,25 +199,30 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
         curr_N = tl.multiple_of(tl.load(output_hs_ptr + slice_id), 16)
     else:
         curr_N = tl.load(output_hs_ptr + slice_id)
-    if pid_n * BLOCK_N >= curr_N:
+    if first_n * BLOCK_N >= curr_N:
         return
     lora_id, cta_m_len, ram = tile_rows(entry, pid_m, num_tokens_per_lora, lora_ids, lora_token_start_loc,
                                         token_indices_sorted_by_lora_ids, BLOCK_M)
-    if SLICE_NUM == 1 or not ALIGNED_SLICES:
-        do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
-                         slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
-                         ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, SAME_STRIDE,
-                         SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
-    else:
+    if SLICE_NUM > 1 and ALIGNED_SLICES:
         # A slice of a multi-slice layer (qkv, gate_up) as a layer of one (SliceLayout says why), its B weights
         # (adapters, N, K) contiguous as vLLM asserts
         slice_lora = tl.multiple_of(tl.load(lora_ptr + slice_id), 16).to(tl.pointer_type(out_ptr.dtype.element_ty))
         slice_d0 = ls_d0_ptr if SAME_STRIDE else tl.load(ls_d0_ptr + slice_id)
-        do_expand_kernel(pid_n, lora_id, 0, input_ptr + tl.multiple_of(slice_id * input_d0_stride, 16), slice_lora,
-                         out_ptr, curr_N, K, cta_m_len, ram,
-                         tl.multiple_of(tl.load(slice_start_loc + slice_id), 16), input_d0_stride, input_d1_stride,
-                         input_d2_stride, slice_d0, K, 1, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N,
-                         BLOCK_K, True, 1, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
+        slice_input = input_ptr + tl.multiple_of(slice_id * input_d0_stride, 16)
+        slice_start = tl.multiple_of(tl.load(slice_start_loc + slice_id), 16)
+    for column_block in tl.static_range(COLUMN_BLOCKS):
+        pid_n = first_n + column_block
+        if pid_n * BLOCK_N < curr_N:
+            if SLICE_NUM > 1 and ALIGNED_SLICES:
+                do_expand_kernel(pid_n, lora_id, 0, slice_input, slice_lora, out_ptr, curr_N, K, cta_m_len, ram,
+                                 slice_start, input_d0_stride, input_d1_stride, input_d2_stride, slice_d0, K, 1,
+                                 output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, True, 1, EVEN_K,
+                                 CAST_TYPE, ADD_INPUTS, USE_GDC)
+            else:
+                do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
+                                 slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr,
+                                 ls_d1_ptr, ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 SAME_STRIDE, SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
 
 
 def compact_pays(token_blocks: int, adapters: int) -> bool:
@@ -247,6 +254,26 @@ TILE_MAP_FROM_ENTRIES = 65
 # (256-1,024 tokens), 1.00x and 1.05x at 8,192, the same with one adapter (BENCHMARKS.md, eighteenth session);
 # False stays for the kernel benchmark's comparison (benchmarks/gpu_lora_grid.py, grid compact_map).
 EXPAND_COLUMNS_FASTEST = True
+
+# How many output blocks of one tile a compact expand program does, one after another, in the server's block order
+# (EXPAND_COLUMNS_FASTEST). Why more than one: with ~2 tokens an adapter, a program's work is a few KB of one
+# adapter's B weights, and before it can read them it waits on a chain of dependent loads (tile map, the adapter's
+# token rows, their inputs) that every program pays again; a program doing several blocks pays it once.
+# LORAPLEX_EXPAND_COLUMN_BLOCKS sets another count for benchmarks (a server's worker processes inherit it).
+EXPAND_COLUMN_BLOCKS_ENV = "LORAPLEX_EXPAND_COLUMN_BLOCKS"
+
+
+def _column_blocks_from_env(default: int) -> int:
+    text = os.environ.get(EXPAND_COLUMN_BLOCKS_ENV, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{EXPAND_COLUMN_BLOCKS_ENV}={text!r}: want a whole number of output blocks, 1 or more "
+                         f"(unset it for the default, {default})")
+    return int(text)
+
+
+EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(1)
 
 
 class SliceLayout:
@@ -308,7 +335,8 @@ class CompactLaunch:
         if not compact_pays(token_blocks, adapters):
             return None
         tiles = token_blocks + adapters
-        blocks = tiles * triton.cdiv(named["N"], named["BLOCK_N"])
+        column_blocks = EXPAND_COLUMN_BLOCKS if self.op == "expand" and EXPAND_COLUMNS_FASTEST else 1
+        blocks = tiles * triton.cdiv(triton.cdiv(named["N"], named["BLOCK_N"]), column_blocks)
         extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries),
                  "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES}
         if self.op == "shrink":
@@ -317,6 +345,7 @@ class CompactLaunch:
             extra["TILES"] = tiles
             extra["ALIGNED_SLICES"] = self.slice_layout is not None and self.slice_layout.slices_aligned(named)
             extra["COLUMNS_FASTEST"] = EXPAND_COLUMNS_FASTEST
+            extra["COLUMN_BLOCKS"] = column_blocks
         return (blocks, vllm_grid[1], 1), extra
 
     def tile_map(self, named: dict, extra: dict):
@@ -400,7 +429,7 @@ def install() -> str:
             setattr(module, name, CompactLaunch(op, kernel, params, current, unspecialised(current, names),
                                                 slice_layout=layout))
     return ("compact grid: LoRA kernels launch blocks only for the tokens each adapter has, compiled once for "
-            "every token count")
+            f"every token count; expand programs do {EXPAND_COLUMN_BLOCKS} output block(s) each")
 
 
 def restore() -> None:

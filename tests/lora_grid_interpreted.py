@@ -59,7 +59,8 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
                 with_base_tokens: bool, **settings) -> dict:
-    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, EXPAND_COLUMNS_FASTEST)."""
+    """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, EXPAND_COLUMNS_FASTEST,
+    EXPAND_COLUMN_BLOCKS)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -87,7 +88,8 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
             launches.append({"vllm_grid": list(vllm_grid), "compact_grid": list(compact[0]) if compact else None,
                              "tile_map": bool(compact and compact[1]["TILE_MAP"]),
                              "aligned_slices": bool(compact and compact[1]["ALIGNED_SLICES"]),
-                             "columns_fastest": bool(compact and compact[1]["COLUMNS_FASTEST"])})
+                             "columns_fastest": bool(compact and compact[1]["COLUMNS_FASTEST"]),
+                             "column_blocks": compact[1]["COLUMN_BLOCKS"] if compact else None})
             return compact
 
     kept_settings = {name: getattr(lora_grid, name) for name in settings}
@@ -160,7 +162,15 @@ def main() -> None:
                       expand_case(12, 300, 8, (64, 64), True, False, EXPAND_COLUMNS_FASTEST=False),
                       expand_case(13, 300, 8, (96,), False, True, EXPAND_COLUMNS_FASTEST=False),
                       expand_case(14, 200, 4, (32, 40, 24), True, True, TILE_MAP_FROM_ENTRIES=0,
-                                  EXPAND_COLUMNS_FASTEST=False)]
+                                  EXPAND_COLUMNS_FASTEST=False),
+                      # several output blocks a program, in the server's order (vLLM's default blocks: 64 columns
+                      # with several slices, 128 with one), the last program of a slice with fewer blocks left than
+                      # it may do: qkv-like, gate_up-like with the tile map, one slice, unaligned
+                      expand_case(15, 200, 4, (160, 48, 48), True, True, EXPAND_COLUMN_BLOCKS=2),
+                      expand_case(16, 300, 8, (320, 320), True, False, TILE_MAP_FROM_ENTRIES=0,
+                                  EXPAND_COLUMN_BLOCKS=2),
+                      expand_case(17, 200, 4, (300,), True, True, EXPAND_COLUMN_BLOCKS=2),
+                      expand_case(18, 200, 4, (136, 40, 24), False, True, EXPAND_COLUMN_BLOCKS=3)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

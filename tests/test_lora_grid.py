@@ -46,16 +46,21 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 13, "the cases meant for the compact grid did not use it"
+    assert len(compact) == 17, "the cases meant for the compact grid did not use it"
     # the settings reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) ...
     assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
-                                                                True, False, False, False, True]
-    # ... and the expand's block order: output columns fastest by default, vLLM's order in the last four
+                                                                True, False, False, False, True,
+                                                                False, True, False, False]
+    # ... the expand's block order: output columns fastest by default, vLLM's order in cases 11-14 ...
     assert lora_grid.EXPAND_COLUMNS_FASTEST
-    assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4
+    assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4 + [True] * 4
+    # ... and the output blocks a program does (several only where a case sets them: the grid shrinks with them)
+    assert [c["launches"][0]["column_blocks"] for c in compact] == [lora_grid.EXPAND_COLUMN_BLOCKS] * 9 + [1] * 4 + [
+        2, 2, 2, 3]
     # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
     assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
-                                                                      False, False, True, True, False, False]
+                                                                      False, False, True, True, False, False,
+                                                                      True, True, False, False]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
@@ -276,3 +281,14 @@ def test_worker_extension_adds_nothing_to_vllms_worker():
     assert (CompactLoRAGrid.__module__, CompactLoRAGrid.__name__) == (module, name)
     # vLLM refuses an extension class whose attributes clash with its worker's
     assert [attr for attr in dir(CompactLoRAGrid) if not attr.startswith("__")] == []
+
+
+def test_expand_column_blocks_come_from_the_environment_when_set(monkeypatch):
+    monkeypatch.delenv(lora_grid.EXPAND_COLUMN_BLOCKS_ENV, raising=False)
+    assert lora_grid._column_blocks_from_env(1) == 1
+    monkeypatch.setenv(lora_grid.EXPAND_COLUMN_BLOCKS_ENV, " 4 ")
+    assert lora_grid._column_blocks_from_env(1) == 4
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv(lora_grid.EXPAND_COLUMN_BLOCKS_ENV, bad)
+        with pytest.raises(ValueError, match="LORAPLEX_EXPAND_COLUMN_BLOCKS"):
+            lora_grid._column_blocks_from_env(1)
