@@ -34,14 +34,15 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 # The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run (the prefix
 # sum in every block or the tile map whatever the slot count; the expand's blocks in vLLM's order or output
-# columns fastest; output blocks per expand program).
+# columns fastest; output blocks per expand program: one, N whatever the layer, or the server's rule).
+_MAP_COLUMNS = {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True}
 GRIDS = {"vllm": None,
          "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
          "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
-         "compact_map_columns": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True,
-                                 "EXPAND_COLUMN_BLOCKS": 1},
-         **{f"compact_map_columns_x{n}": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True,
-                                          "EXPAND_COLUMN_BLOCKS": n} for n in (2, 4, 8)}}
+         "compact_map_columns": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": 1},
+         **{f"compact_map_columns_x{n}": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": n, "EXPAND_MIN_PROGRAMS_PER_TILE": 1}
+            for n in (2, 4, 8)},
+         "compact_map_server": {"TILE_MAP_FROM_ENTRIES": 0}}
 
 
 @contextlib.contextmanager
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grids", type=lambda s: s.split(","), default=["vllm", "compact"],
                         help=f"Grids to time, the first being the baseline of the speedups ({', '.join(GRIDS)}; "
                              "compact_map: the compact grid with the tile map whatever the slot count, its expand "
-                             "in vLLM's block order; compact_map_columns: the same in the server's order; "
-                             "compact_map_columns_xN: that with N output blocks per expand program).")
+                             "in vLLM's block order; compact_map_columns: the same in the server's order, one output "
+                             "block per expand program; compact_map_columns_xN: N blocks a program whatever the layer; "
+                             "compact_map_server: the tile map with the server's other settings).")
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
                              "parameters over the server's config (repeatable).")

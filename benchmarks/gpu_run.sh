@@ -19,7 +19,7 @@
 #                   each case ${REPEATS:-3} times to each in alternating order; $CASES, $SLOTS, $SERVER_ARGS as above
 #   tune-lora       `loraplex tune-lora-kernels` for ${SLOTS:-16} slots into $LORA_CONFIGS (serve it with
 #                   VLLM_TUNED_CONFIG_FOLDER or --lora-kernel-configs), within ${TUNE_BUDGET_S:-300} s of search,
-#                   ${TUNE_PASSES:-1} coordinate-descent passes
+#                   ${TUNE_PASSES:-1} coordinate-descent passes, over the batch sizes in $TUNE_BATCHES (default: the tuner's)
 #   grid-bench      vLLM's LoRA kernels with vLLM's grid and with loraplex's compact grid (benchmarks/gpu_lora_grid.py)
 #   lora-load       where the time of loading one adapter into vLLM's CPU cache and a GPU slot goes
 #                   (benchmarks/gpu_lora_load.py; an eager engine with ${SLOTS:-16} slots and ${PRELOAD:-128} adapters
@@ -174,7 +174,8 @@ step_tune_lora() {
   step_prepare || return 1
   say "tuning LoRA kernels for ${SLOTS:-16} slots into $LORA_CONFIGS"
   timeout "$(left)" env -u VLLM_TUNED_CONFIG_FOLDER python3 -m loraplex tune-lora-kernels --base-model "$MODEL" \
-    --max-loras "${SLOTS:-16}" --time-budget "${TUNE_BUDGET_S:-300}" --passes "${TUNE_PASSES:-1}" --out "$LORA_CONFIGS" 2>&1 | grep -v -i "warn" | tail -60
+    --max-loras "${SLOTS:-16}" --time-budget "${TUNE_BUDGET_S:-300}" --passes "${TUNE_PASSES:-1}" \
+    ${TUNE_BATCHES:+--batches "$TUNE_BATCHES"} --out "$LORA_CONFIGS" 2>&1 | grep -v -i "warn" | tail -60
   cp "$LORA_CONFIGS"/*.json "$OUT"/ 2>/dev/null
   return 0
 }

@@ -256,11 +256,18 @@ TILE_MAP_FROM_ENTRIES = 65
 EXPAND_COLUMNS_FASTEST = True
 
 # How many output blocks of one tile a compact expand program does, one after another, in the server's block order
-# (EXPAND_COLUMNS_FASTEST). Why more than one: with ~2 tokens an adapter, a program's work is a few KB of one
-# adapter's B weights, and before it can read them it waits on a chain of dependent loads (tile map, the adapter's
-# token rows, their inputs) that every program pays again; a program doing several blocks pays it once.
-# LORAPLEX_EXPAND_COLUMN_BLOCKS sets another count for benchmarks (a server's worker processes inherit it).
+# (EXPAND_COLUMNS_FASTEST): at most EXPAND_COLUMN_BLOCKS, and no more than leave each tile
+# EXPAND_MIN_PROGRAMS_PER_TILE programs (expand_column_blocks). Why more than one: with ~2 tokens an adapter, a
+# program's work is a few KB of one adapter's B weights, and before it can read them it waits on a chain of dependent
+# loads (tile map, the adapter's token rows, their inputs) that every program pays again; a program doing several
+# blocks pays it once. On an H200 at 256-1,024 tokens over 32 and 221 adapters, four a program ran qkv's and
+# gate_up's expands (64 and 224 blocks of 64 columns a tile) 1.05-1.30x faster (gate_up 215 -> 175 us at 512 tokens
+# over 221), while o's and down's (16 blocks of 256 columns) ran 6-17% slower with two a program and worse with more:
+# too few programs left to fill the GPU. Those timings add up to 1.05-1.15x for one decoder layer's LoRA kernels
+# with this rule (not yet timed as one run, nor at prefill sizes; BENCHMARKS.md, nineteenth session). LORAPLEX_EXPAND_COLUMN_BLOCKS sets another cap for benchmarks (a server's
+# worker processes inherit it).
 EXPAND_COLUMN_BLOCKS_ENV = "LORAPLEX_EXPAND_COLUMN_BLOCKS"
+EXPAND_MIN_PROGRAMS_PER_TILE = 16
 
 
 def _column_blocks_from_env(default: int) -> int:
@@ -273,7 +280,12 @@ def _column_blocks_from_env(default: int) -> int:
     return int(text)
 
 
-EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(1)
+EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(4)
+
+
+def expand_column_blocks(blocks_per_tile: int) -> int:
+    """Output blocks a compact expand program does, for a layer whose tiles are `blocks_per_tile` blocks wide."""
+    return max(1, min(EXPAND_COLUMN_BLOCKS, blocks_per_tile // EXPAND_MIN_PROGRAMS_PER_TILE))
 
 
 class SliceLayout:
@@ -335,8 +347,9 @@ class CompactLaunch:
         if not compact_pays(token_blocks, adapters):
             return None
         tiles = token_blocks + adapters
-        column_blocks = EXPAND_COLUMN_BLOCKS if self.op == "expand" and EXPAND_COLUMNS_FASTEST else 1
-        blocks = tiles * triton.cdiv(triton.cdiv(named["N"], named["BLOCK_N"]), column_blocks)
+        blocks_per_tile = triton.cdiv(named["N"], named["BLOCK_N"])
+        column_blocks = expand_column_blocks(blocks_per_tile) if self.op == "expand" and EXPAND_COLUMNS_FASTEST else 1
+        blocks = tiles * triton.cdiv(blocks_per_tile, column_blocks)
         extra = {"NUM_ENTRIES": entries, "ENTRIES_P2": triton.next_power_of_2(entries),
                  "TILE_MAP": entries >= TILE_MAP_FROM_ENTRIES}
         if self.op == "shrink":
@@ -429,7 +442,7 @@ def install() -> str:
             setattr(module, name, CompactLaunch(op, kernel, params, current, unspecialised(current, names),
                                                 slice_layout=layout))
     return ("compact grid: LoRA kernels launch blocks only for the tokens each adapter has, compiled once for "
-            f"every token count; expand programs do {EXPAND_COLUMN_BLOCKS} output block(s) each")
+            f"every token count; expand programs do up to {EXPAND_COLUMN_BLOCKS} output blocks each")
 
 
 def restore() -> None:

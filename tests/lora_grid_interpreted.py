@@ -60,7 +60,7 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
                 with_base_tokens: bool, **settings) -> dict:
     """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, EXPAND_COLUMNS_FASTEST,
-    EXPAND_COLUMN_BLOCKS)."""
+    EXPAND_COLUMN_BLOCKS, EXPAND_MIN_PROGRAMS_PER_TILE)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -130,6 +130,11 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
             "changed_rows": int((by_compact != start.float()).any(dim=1).sum())}
 
 
+def several(column_blocks: int) -> dict:
+    """Settings for `column_blocks` output blocks a program however few blocks a tile has (these layers are narrow)."""
+    return {"EXPAND_COLUMN_BLOCKS": column_blocks, "EXPAND_MIN_PROGRAMS_PER_TILE": 1}
+
+
 def main() -> None:
     cases = [  # (counts per lora_ids entry, ids, BLOCK_M)
         ([3, 40, 0, 17], [0, 2, -1, 5], 16),
@@ -166,11 +171,10 @@ def main() -> None:
                       # several output blocks a program, in the server's order (vLLM's default blocks: 64 columns
                       # with several slices, 128 with one), the last program of a slice with fewer blocks left than
                       # it may do: qkv-like, gate_up-like with the tile map, one slice, unaligned
-                      expand_case(15, 200, 4, (160, 48, 48), True, True, EXPAND_COLUMN_BLOCKS=2),
-                      expand_case(16, 300, 8, (320, 320), True, False, TILE_MAP_FROM_ENTRIES=0,
-                                  EXPAND_COLUMN_BLOCKS=2),
-                      expand_case(17, 200, 4, (300,), True, True, EXPAND_COLUMN_BLOCKS=2),
-                      expand_case(18, 200, 4, (136, 40, 24), False, True, EXPAND_COLUMN_BLOCKS=3)]
+                      expand_case(15, 200, 4, (160, 48, 48), True, True, **several(2)),
+                      expand_case(16, 300, 8, (320, 320), True, False, TILE_MAP_FROM_ENTRIES=0, **several(2)),
+                      expand_case(17, 200, 4, (300,), True, True, **several(2)),
+                      expand_case(18, 200, 4, (136, 40, 24), False, True, **several(3))]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

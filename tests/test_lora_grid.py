@@ -54,9 +54,9 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
     # ... the expand's block order: output columns fastest by default, vLLM's order in cases 11-14 ...
     assert lora_grid.EXPAND_COLUMNS_FASTEST
     assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4 + [True] * 4
-    # ... and the output blocks a program does (several only where a case sets them: the grid shrinks with them)
-    assert [c["launches"][0]["column_blocks"] for c in compact] == [lora_grid.EXPAND_COLUMN_BLOCKS] * 9 + [1] * 4 + [
-        2, 2, 2, 3]
+    # ... and the output blocks a program does: one where a tile has few blocks (every default case here), several
+    # where a case asks for them however few (the grid shrinks with them)
+    assert [c["launches"][0]["column_blocks"] for c in compact] == [1] * 13 + [2, 2, 2, 3]
     # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
     assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
                                                                       False, False, True, True, False, False,
@@ -111,7 +111,9 @@ def test_launch_passes_vllms_arguments_with_a_compact_grid():
     expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel)
     expand[(8 * 112, 2, 16)](*_args(lora_grid.EXPAND_PARAMS, N=14336, BLOCK_N=128), num_stages=1)
     grid, _, options = compact_kernel.launches[-1]
-    assert grid == ((8 + 16) * 112, 2, 1) and options["TILES"] == 8 + 16
+    # 112 output blocks a tile, done four a program (the cap; 28 programs a tile stay above the minimum of 16)
+    assert (lora_grid.EXPAND_COLUMN_BLOCKS, lora_grid.EXPAND_MIN_PROGRAMS_PER_TILE) == (4, 16)
+    assert grid == ((8 + 16) * 28, 2, 1) and options["TILES"] == 8 + 16 and options["COLUMN_BLOCKS"] == 4
 
 
 def test_many_slots_launch_a_tile_map_first():
@@ -133,7 +135,7 @@ def test_many_slots_launch_a_tile_map_first():
     # entries, their power of 2, BLOCK_M
     assert map_args[3:6] == (entries, lora_grid.triton.next_power_of_2(entries), 64)
     grid, _, options = compact_kernel.launches[-1]
-    assert grid == (tiles * 112, 2, 1) and options["TILE_MAP"] and options["tile_map"] is map_args[2]
+    assert grid == (tiles * 112 // 4, 2, 1) and options["TILE_MAP"] and options["tile_map"] is map_args[2]
 
 
 def test_launch_keeps_vllms_kernel_and_grid_where_compact_does_not_pay():
@@ -292,3 +294,14 @@ def test_expand_column_blocks_come_from_the_environment_when_set(monkeypatch):
         monkeypatch.setenv(lora_grid.EXPAND_COLUMN_BLOCKS_ENV, bad)
         with pytest.raises(ValueError, match="LORAPLEX_EXPAND_COLUMN_BLOCKS"):
             lora_grid._column_blocks_from_env(1)
+
+
+def test_expand_programs_do_several_blocks_only_where_a_tile_keeps_enough_programs(monkeypatch):
+    monkeypatch.setattr(lora_grid, "EXPAND_COLUMN_BLOCKS", 4)
+    monkeypatch.setattr(lora_grid, "EXPAND_MIN_PROGRAMS_PER_TILE", 16)
+    # Llama-3-8B on an H200 with the shipped tables: o and down (4,096 columns in blocks of 256) keep one a program,
+    # qkv (4,096 in blocks of 64) and gate_up (14,336 in blocks of 64) get the cap
+    assert [lora_grid.expand_column_blocks(blocks) for blocks in (16, 64, 224)] == [1, 4, 4]
+    assert [lora_grid.expand_column_blocks(blocks) for blocks in (0, 1, 31, 32, 47, 48)] == [1, 1, 1, 2, 2, 3]
+    monkeypatch.setattr(lora_grid, "EXPAND_COLUMN_BLOCKS", 1)
+    assert lora_grid.expand_column_blocks(224) == 1
