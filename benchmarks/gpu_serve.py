@@ -225,6 +225,12 @@ GC_PAUSE_METRIC = "loraplex_gc_pause_seconds"  # loraplex: how long its collecti
 LOOP_STALL_S = 0.1  # a lag over this (a histogram bucket's bound) counts as a stall
 ITL_METRIC = "vllm:inter_token_latency_seconds"  # both servers: measured where vLLM processes the engine's outputs
 LORA_INFO_METRIC = "vllm:lora_requests_info"  # one series per set of adapters it keeps
+# The series the sampler reads during a burst, asked for by name (`name[]`, which both servers' /metrics honour):
+# the whole page holds every adapter's latency histograms (~900 KiB over 221 adapters), and rendering it twice a
+# second took the front end's one thread from the 512 streams it serves (slowest answers 0.7-1.2 s on a host-bound
+# machine, BENCHMARKS.md nineteenth session). The whole page is read once, after each burst, for its size.
+SAMPLED_SERIES = (RUNNING_METRIC, WAITING_METRIC, FULL_GC_METRIC, GC_PAUSE_METRIC + "_sum", LOOP_LAG_METRIC + "_count",
+                  LOOP_LAG_METRIC + "_bucket", ITL_METRIC + "_count", ITL_METRIC + "_bucket", LORA_INFO_METRIC)
 
 
 def _bucket_bound(sample) -> float:
@@ -273,11 +279,11 @@ def server_metrics(metrics_text: str) -> dict[str, float]:
 class BurstSampler:
     """Samples, in a thread, the GPU's busy fraction (NVML's utilization.gpu: the share of time any kernel ran,
     through pynvml or else nvidia-smi) every 0.25 s, and every 0.5 s the engine's running and waiting requests
-    (/metrics) and the CPU time of the server's own process (its HTTP front end) and of its children (vLLM's
-    engine core, which runs the GPU worker), until stopped; `summary` gives the means over the burst's own span
-    (the clients start a moment after the sampler). A GPU idle while the engine core uses a whole core waits for
-    the host's work per step; a front end near a whole core limits how fast tokens leave. Where NVML, /metrics
-    or the process is missing those fields are left out."""
+    (/metrics, only the series in SAMPLED_SERIES) and the CPU time of the server's own process (its HTTP front end)
+    and of its children (vLLM's engine core, which runs the GPU worker), until stopped; `summary` gives the means
+    over the burst's own span (the clients start a moment after the sampler). A GPU idle while the engine core uses
+    a whole core waits for the host's work per step; a front end near a whole core limits how fast tokens leave.
+    Where NVML, /metrics or the process is missing those fields are left out."""
 
     def __init__(self, url: str, pid: int | None = None):
         import threading
@@ -302,13 +308,16 @@ class BurstSampler:
         read_busy = gpu_busy_reader()
         tick = 0
         with httpx.Client(timeout=2.0) as http:
-            def sample_metrics():
+            def sample_metrics(whole_page: bool = False):
                 try:
                     began = time.time()
-                    text = http.get(self.url + "/metrics").text
+                    params = None if whole_page else [("name[]", name) for name in SAMPLED_SERIES]
+                    text = http.get(self.url + "/metrics", params=params).text
                     sample = server_metrics(text)
-                    # what each scrape costs the server: the page it renders, and how long it took to answer
-                    sample["page_kib"], sample["scrape_ms"] = len(text) / 1024, (time.time() - began) * 1000
+                    # what a scrape costs the server: how long it took to answer, and for the whole page its size
+                    sample["page_ms" if whole_page else "scrape_ms"] = (time.time() - began) * 1000
+                    if whole_page:
+                        sample["page_kib"] = len(text) / 1024
                     self.queue.append((time.time(), sample))
                 except Exception:  # a slow /metrics under load is a missing sample, not a failed burst
                     pass
@@ -325,7 +334,7 @@ class BurstSampler:
                     seconds = process_cpu_seconds(self.pid) if self.pid else None
                     if seconds is not None:
                         self.cpu.append((time.time(), seconds))
-            sample_metrics()  # after the burst: where its counters end
+            sample_metrics(whole_page=True)  # after the burst: where its counters end, and the page's size
 
     def summary(self, records: list[dict]) -> dict:
         if not records:
@@ -341,11 +350,14 @@ class BurstSampler:
             if values:
                 out[f"{key}_mean"] = round(sum(values) / len(values), 1)
                 out[f"{key}_max"] = max(values)
-        for key, name in (("page_kib", "metrics_page_kib_max"), ("scrape_ms", "metrics_scrape_ms_max"),
-                          ("lora_info_series", "lora_info_series_max")):
+        for key, name in (("scrape_ms", "metrics_scrape_ms_max"), ("lora_info_series", "lora_info_series_max")):
             values = [q[key] for q in queue if key in q]
             if values:
                 out[name] = round(max(values), 1)
+        whole = [q for t, q in self.queue if t >= end and "page_kib" in q][:1]  # the whole page, after the burst
+        for key, name in (("page_kib", "metrics_page_kib"), ("page_ms", "metrics_page_ms")):
+            if whole:
+                out[name] = round(whole[0][key], 1)
         # counters: from the last sample before the burst to the first after it
         for key, name, scale in (("full_gcs", "front_end_full_gcs", None),
                                  ("full_gc_s", "front_end_full_gc_ms", 1000),

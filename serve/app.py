@@ -261,10 +261,12 @@ def create_app(serving: Serving) -> FastAPI:
         return {"status": "ready"}
 
     @app.get("/metrics")
-    def metrics():
-        # a plain def: FastAPI runs it in its thread pool, so rendering (pure Python, every series of every model,
-        # some milliseconds with many adapters) does not stop the event loop that streams every token
-        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request):
+        # a plain def: FastAPI runs it in its thread pool, so rendering (pure Python, every series of every model:
+        # ~80 ms for ~1 MB with 256 adapters) does not stop the event loop that streams every token; `name[]`
+        # narrows the page to those series, as on vLLM's /metrics
+        return Response(serving.metrics.render(request.query_params.getlist("name[]")),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=api)
     async def list_models(request: Request):

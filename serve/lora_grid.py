@@ -260,12 +260,12 @@ EXPAND_COLUMNS_FASTEST = True
 # EXPAND_MIN_PROGRAMS_PER_TILE programs (expand_column_blocks). Why more than one: with ~2 tokens an adapter, a
 # program's work is a few KB of one adapter's B weights, and before it can read them it waits on a chain of dependent
 # loads (tile map, the adapter's token rows, their inputs) that every program pays again; a program doing several
-# blocks pays it once. On an H200 at 256-1,024 tokens over 32 and 221 adapters, four a program ran qkv's and
-# gate_up's expands (64 and 224 blocks of 64 columns a tile) 1.05-1.30x faster (gate_up 215 -> 175 us at 512 tokens
-# over 221), while o's and down's (16 blocks of 256 columns) ran 6-17% slower with two a program and worse with more:
-# too few programs left to fill the GPU. Those timings add up to 1.05-1.15x for one decoder layer's LoRA kernels
-# with this rule (not yet timed as one run, nor at prefill sizes; BENCHMARKS.md, nineteenth session). LORAPLEX_EXPAND_COLUMN_BLOCKS sets another cap for benchmarks (a server's
-# worker processes inherit it).
+# blocks pays it once. On an H200 at 256-1,024 tokens over 32 and 221 adapters, four a program ran qkv's and gate_up's
+# expands (64 and 224 blocks of 64 columns a tile) 1.05-1.30x faster (gate_up 215 -> 175 us at 512 tokens over 221),
+# while o's and down's (16 blocks of 256 columns) ran 6-17% slower with two a program and worse with more: too few
+# programs left to fill the GPU. Those timings add up to 1.05-1.15x for one decoder layer's LoRA kernels with this
+# rule (not yet timed as one run, nor at prefill sizes; BENCHMARKS.md, nineteenth session).
+# LORAPLEX_EXPAND_COLUMN_BLOCKS sets another cap for benchmarks (a server's worker processes inherit it).
 EXPAND_COLUMN_BLOCKS_ENV = "LORAPLEX_EXPAND_COLUMN_BLOCKS"
 EXPAND_MIN_PROGRAMS_PER_TILE = 16
 

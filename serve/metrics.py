@@ -57,8 +57,14 @@ class Metrics:
         self.adapters_loaded.set_function(adapters_loaded)
         self.adapters_unavailable.set_function(adapters_unavailable)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry) + generate_latest(DEFAULT_REGISTRY)
+    def render(self, names: list[str] | None = None) -> bytes:
+        """The page; with `names` (sample names, as the `name[]` query parameters of prometheus_client's own
+        exposition and so of vLLM's /metrics ask) only those series: with many adapters the whole page is ~1 MB of
+        per-model histograms that a frequent reader of a few gauges need not make the server render."""
+        registries = (self.registry, DEFAULT_REGISTRY)
+        if names:
+            registries = tuple(registry.restricted_registry(names) for registry in registries)
+        return b"".join(generate_latest(registry) for registry in registries)
 
 
 VLLM_LORA_INFO = "vllm:lora_requests_info"

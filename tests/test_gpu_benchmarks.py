@@ -181,12 +181,15 @@ def test_burst_samples_count_only_the_bursts_own_span():
     records = [{"start": 10.0, "end": 12.0}, {"start": 10.1, "end": 11.0}]
     assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "running_mean": 40.0, "running_max": 50.0,
                                         "waiting_mean": 5.0, "waiting_max": 10.0}
-    # what the scrapes inside the burst cost: the largest page, the slowest answer, the most LoRA info series
-    sampler.queue = [(9.0, {"page_kib": 900.0, "scrape_ms": 80.0, "lora_info_series": 500}),
-                     (10.2, {"page_kib": 20.0, "scrape_ms": 3.0, "lora_info_series": 1}),
-                     (11.8, {"page_kib": 24.5, "scrape_ms": 2.0, "lora_info_series": 1})]
-    assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "metrics_page_kib_max": 24.5,
-                                        "metrics_scrape_ms_max": 3.0, "lora_info_series_max": 1}
+    # what the scrapes inside the burst cost (the slowest answer, the most LoRA info series), and the whole page
+    # read after it (the first after its end)
+    sampler.queue = [(9.0, {"scrape_ms": 80.0, "lora_info_series": 500}),
+                     (9.1, {"page_kib": 700.0, "page_ms": 60.0}),
+                     (10.2, {"scrape_ms": 3.0, "lora_info_series": 1}),
+                     (11.8, {"scrape_ms": 2.0, "lora_info_series": 1}),
+                     (12.1, {"page_kib": 900.5, "page_ms": 75.25}), (15.0, {"page_kib": 1.0, "page_ms": 1.0})]
+    assert sampler.summary(records) == {"gpu_busy_mean": 0.75, "metrics_scrape_ms_max": 3.0,
+                                        "lora_info_series_max": 1, "metrics_page_kib": 900.5, "metrics_page_ms": 75.2}
     # counters from the last sample before the burst to the first after it (the one after the stop included)
     sampler.queue = [(9.0, {"full_gcs": 1.0, "loop_stalls": 0.0}), (9.6, {"full_gcs": 2.0, "loop_stalls": 1.0}),
                      (11.0, {"full_gcs": 3.0, "loop_stalls": 2.0}), (12.1, {"full_gcs": 5.0, "loop_stalls": 4.0}),

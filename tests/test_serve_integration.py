@@ -484,8 +484,11 @@ def test_metrics_carry_what_the_gpu_benchmark_reads_beside_each_burst(http, clie
     import gpu_serve
 
     streamed_chat(client, BASE)  # inter-token latencies of a streamed answer
-    found = gpu_serve.server_metrics(http.get("/metrics").text)
+    # the page narrowed to the series it asks for during a burst still carries all it reads, and nothing else
+    narrowed = http.get("/metrics", params=[("name[]", name) for name in gpu_serve.SAMPLED_SERIES]).text
+    found = gpu_serve.server_metrics(narrowed)
     assert {"running", "waiting", "full_gcs", "full_gc_s", "loop_stalls", "itl_over_300ms"} <= set(found), found
+    assert "loraplex_time_to_first_token_seconds" not in narrowed and len(narrowed) < len(http.get("/metrics").text)
     assert metric(http, "vllm:inter_token_latency_seconds_count") > 0
 
 

@@ -261,18 +261,46 @@ def test_metrics_render_off_the_event_loop(tmp_path):
     from loraplex.serve.app import create_app
 
     serving = serving_for(tmp_path)
-    rendered_in = []
+    rendered_in, asked = [], []
 
-    def render():
+    def render(names):
         rendered_in.append(threading.current_thread())
+        asked.append(names)
         return b"loraplex_requests_in_flight 0.0\n"
 
     serving.metrics.render = render
     with TestClient(create_app(serving)) as client:
         loop_thread = client.portal.call(threading.current_thread)  # the thread the app's event loop runs in
         response = client.get("/metrics")
+        narrowed = client.get("/metrics", params=[("name[]", "a_total"), ("name[]", "b_count")])
     assert response.status_code == 200 and response.text == "loraplex_requests_in_flight 0.0\n"
     assert rendered_in and rendered_in[0] is not loop_thread
+    assert narrowed.status_code == 200 and asked == [[], ["a_total", "b_count"]]
+
+
+def test_metrics_page_narrows_to_the_series_named():
+    """`name[]` as prometheus_client's exposition (and vLLM's /metrics) reads it: sample names, from both the
+    server's registry and the default one that vLLM's metrics live in."""
+    from prometheus_client import REGISTRY, Gauge
+
+    from loraplex.serve.metrics import Metrics
+
+    metrics = Metrics()
+    for adapter in ("a1", "a2"):
+        metrics.ttft.labels(adapter).observe(0.2)
+        metrics.completion_tokens.labels(adapter).inc(3)
+    engine_gauge = Gauge("test_engine_running", "As vLLM's gauges: in the default registry.")
+    try:
+        engine_gauge.set(7)
+        whole = metrics.render().decode()
+        assert "loraplex_time_to_first_token_seconds_bucket" in whole and "test_engine_running 7.0" in whole
+        page = metrics.render(["loraplex_time_to_first_token_seconds_count", "test_engine_running"]).decode()
+        samples = [line for line in page.splitlines() if not line.startswith("#")]
+        assert sorted(samples) == ['loraplex_time_to_first_token_seconds_count{model="a1"} 1.0',
+                                   'loraplex_time_to_first_token_seconds_count{model="a2"} 1.0',
+                                   "test_engine_running 7.0"]
+    finally:
+        REGISTRY.unregister(engine_gauge)
 
 
 def test_server_start_leaves_its_heap_out_of_later_collections():
