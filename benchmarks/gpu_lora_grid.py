@@ -34,14 +34,19 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 
 # The grids a kernel can be launched over; for the compact grid, lora_grid's settings during the run (the prefix
 # sum in every block or the tile map whatever the slot count; the expand's blocks in vLLM's order or output
-# columns fastest; output blocks per expand program: one, N whatever the layer, or the server's rule).
-_MAP_COLUMNS = {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True}
+# columns fastest; output blocks per expand program: one, N whatever the layer, or the server's rule; vLLM's
+# per-block code for each, or the pipelined loop S stages deep).
+_MAP_COLUMNS = {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True, "EXPAND_PREFETCH_STAGES": 0}
 GRIDS = {"vllm": None,
          "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
          "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
          "compact_map_columns": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": 1},
          **{f"compact_map_columns_x{n}": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": n, "EXPAND_MIN_PROGRAMS_PER_TILE": 1}
             for n in (2, 4, 8)},
+         **{f"compact_map_columns_x{n}_p{stages}": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": n,
+                                                    "EXPAND_MIN_PROGRAMS_PER_TILE": 1,
+                                                    "EXPAND_PREFETCH_STAGES": stages}
+            for n in (4, 8, 16) for stages in (1, 2, 3)},
          "compact_map_server": {"TILE_MAP_FROM_ENTRIES": 0}}
 
 
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                              "compact_map: the compact grid with the tile map whatever the slot count, its expand "
                              "in vLLM's block order; compact_map_columns: the same in the server's order, one output "
                              "block per expand program; compact_map_columns_xN: N blocks a program whatever the layer; "
+                             "compact_map_columns_xN_pS: the same through the pipelined loop, S stages deep; "
                              "compact_map_server: the tile map with the server's other settings).")
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '

@@ -167,6 +167,38 @@ def compact_shrink_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                      EVEN_K, SPLIT_K, SLICE_NUM, USE_GDC)
 
 
+@triton.jit
+def expand_blocks_pipelined(first_n, lora_id, input_ptr, lora_ptr, out_ptr, N, K, M_LEN, ram, slice_start,
+                            input_d1_stride, input_d2_stride, lora_d0_stride, lora_d1_stride, lora_d2_stride,
+                            output_d0_stride, output_d1_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, COLUMN_BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+                            CAST_TYPE: tl.constexpr, ADD_INPUTS: tl.constexpr, USE_GDC: tl.constexpr):
+    """vLLM's do_expand_kernel for COLUMN_BLOCKS output blocks of one tile of one slice, where the rank fits one
+    BLOCK_K: the tile's inputs read once, and the blocks in a loop that Triton software-pipelines STAGES deep, so
+    the next blocks' B weights are on their way while one block computes and stores. Hand-written because calling
+    vLLM's per-block code once a block reads the inputs again each time and leaves nothing for the pipeliner to
+    overlap. Computes what vLLM's does: the same product in float32, cast, then added to the output."""
+    offset_k = tl.arange(0, BLOCK_K)
+    offset_m = tl.arange(0, BLOCK_M)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    tiled_a = tl.load(input_ptr + ram[:, None] * input_d1_stride + offset_k[None, :] * input_d2_stride,
+                      mask=offset_k[None, :] < K, other=0.0)
+    if CAST_TYPE:
+        tiled_a = tiled_a.to(lora_ptr.dtype.element_ty)
+    b_rows = lora_ptr + lora_d0_stride * lora_id + offset_k[:, None] * lora_d2_stride
+    for column_block in tl.range(0, COLUMN_BLOCKS, num_stages=STAGES):
+        offset_n = tl.arange(0, BLOCK_N) + (first_n + column_block) * BLOCK_N
+        rbn = tl.max_contiguous(tl.multiple_of(offset_n % N, BLOCK_N), BLOCK_N)
+        tiled_b = tl.load(b_rows + rbn[None, :] * lora_d1_stride, mask=offset_k[:, None] < K, other=0.0)
+        tiled_c = tl.dot(tiled_a, tiled_b).to(lora_ptr.dtype.element_ty)
+        c_ptr = out_ptr + ram[:, None] * output_d0_stride + (offset_n + slice_start)[None, :] * output_d1_stride
+        c_mask = (offset_m[:, None] < M_LEN) & (offset_n[None, :] < N)  # blocks past the slice's end store nothing
+        if ADD_INPUTS:
+            tiled_c += tl.load(c_ptr, mask=c_mask)
+        tl.store(c_ptr, tiled_c, mask=c_mask)
+
+
 @triton.jit(do_not_specialize=[*EXPAND_UNSPECIALISED, "NUM_ENTRIES", "TILES"])
 def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_sorted_by_lora_ids,
                           num_tokens_per_lora, lora_token_start_loc, lora_ids, slice_start_loc, input_d0_stride,
@@ -176,10 +208,12 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
                           CAST_TYPE: tl.constexpr, SLICE_NUM: tl.constexpr, SAME_STRIDE: tl.constexpr,
                           USE_GDC: tl.constexpr, launch_pdl: tl.constexpr, NUM_ENTRIES, ENTRIES_P2: tl.constexpr,
                           TILES, tile_map, TILE_MAP: tl.constexpr, ALIGNED_SLICES: tl.constexpr,
-                          COLUMNS_FASTEST: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
+                          COLUMNS_FASTEST: tl.constexpr, COLUMN_BLOCKS: tl.constexpr,
+                          PREFETCH_STAGES: tl.constexpr):
     # axis 0 = (tile, output blocks): tile fastest as in vLLM, where neighbouring blocks read the same LoRA B
     # columns, or output blocks fastest (EXPAND_COLUMNS_FASTEST), where they read one adapter's B in order; a
-    # program does COLUMN_BLOCKS output blocks of its tile one after another (1 in vLLM's order)
+    # program does COLUMN_BLOCKS output blocks of its tile one after another (1 in vLLM's order), through
+    # expand_blocks_pipelined where PREFETCH_STAGES > 0 (CompactLaunch.grid says where it may)
     pid = tl.program_id(axis=0)
     if COLUMNS_FASTEST:
         programs_per_tile = tl.cdiv(tl.cdiv(N, BLOCK_N), COLUMN_BLOCKS)
@@ -210,19 +244,31 @@ def compact_expand_kernel(input_ptr, lora_ptr, out_ptr, M, N, K, token_indices_s
         slice_d0 = ls_d0_ptr if SAME_STRIDE else tl.load(ls_d0_ptr + slice_id)
         slice_input = input_ptr + tl.multiple_of(slice_id * input_d0_stride, 16)
         slice_start = tl.multiple_of(tl.load(slice_start_loc + slice_id), 16)
-    for column_block in tl.static_range(COLUMN_BLOCKS):
-        pid_n = first_n + column_block
-        if pid_n * BLOCK_N < curr_N:
-            if SLICE_NUM > 1 and ALIGNED_SLICES:
-                do_expand_kernel(pid_n, lora_id, 0, slice_input, slice_lora, out_ptr, curr_N, K, cta_m_len, ram,
-                                 slice_start, input_d0_stride, input_d1_stride, input_d2_stride, slice_d0, K, 1,
-                                 output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, True, 1, EVEN_K,
-                                 CAST_TYPE, ADD_INPUTS, USE_GDC)
-            else:
-                do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
-                                 slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride, ls_d0_ptr,
-                                 ls_d1_ptr, ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K,
-                                 SAME_STRIDE, SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
+    if PREFETCH_STAGES > 0:
+        if SLICE_NUM > 1:
+            expand_blocks_pipelined(first_n, lora_id, slice_input, slice_lora, out_ptr, curr_N, K, cta_m_len, ram,
+                                    slice_start, input_d1_stride, input_d2_stride, slice_d0, K, 1, output_d0_stride,
+                                    output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, COLUMN_BLOCKS, PREFETCH_STAGES,
+                                    CAST_TYPE, ADD_INPUTS, USE_GDC)
+        else:
+            expand_blocks_pipelined(first_n, lora_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len, ram,
+                                    slice_start_loc, input_d1_stride, input_d2_stride, ls_d0_ptr, ls_d1_ptr,
+                                    ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K,
+                                    COLUMN_BLOCKS, PREFETCH_STAGES, CAST_TYPE, ADD_INPUTS, USE_GDC)
+    else:
+        for column_block in tl.static_range(COLUMN_BLOCKS):
+            pid_n = first_n + column_block
+            if pid_n * BLOCK_N < curr_N:
+                if SLICE_NUM > 1 and ALIGNED_SLICES:
+                    do_expand_kernel(pid_n, lora_id, 0, slice_input, slice_lora, out_ptr, curr_N, K, cta_m_len, ram,
+                                     slice_start, input_d0_stride, input_d1_stride, input_d2_stride, slice_d0, K, 1,
+                                     output_d0_stride, output_d1_stride, BLOCK_M, BLOCK_N, BLOCK_K, True, 1, EVEN_K,
+                                     CAST_TYPE, ADD_INPUTS, USE_GDC)
+                else:
+                    do_expand_kernel(pid_n, lora_id, slice_id, input_ptr, lora_ptr, out_ptr, curr_N, K, cta_m_len,
+                                     ram, slice_start_loc, input_d0_stride, input_d1_stride, input_d2_stride,
+                                     ls_d0_ptr, ls_d1_ptr, ls_d2_ptr, output_d0_stride, output_d1_stride, BLOCK_M,
+                                     BLOCK_N, BLOCK_K, SAME_STRIDE, SLICE_NUM, EVEN_K, CAST_TYPE, ADD_INPUTS, USE_GDC)
 
 
 def compact_pays(token_blocks: int, adapters: int) -> bool:
@@ -281,6 +327,11 @@ def _column_blocks_from_env(default: int) -> int:
 
 
 EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(4)
+
+# Where a program does several blocks of a slice whose rank fits one BLOCK_K (aligned multi-slice layers and layers
+# of one slice): 0 calls vLLM's per-block code for each block; N > 0 runs expand_blocks_pipelined, N stages deep.
+# Off until an H200 run shows it pays (BENCHMARKS.md, nineteenth session, "Next").
+EXPAND_PREFETCH_STAGES = 0
 
 
 def expand_column_blocks(blocks_per_tile: int) -> int:
@@ -359,6 +410,9 @@ class CompactLaunch:
             extra["ALIGNED_SLICES"] = self.slice_layout is not None and self.slice_layout.slices_aligned(named)
             extra["COLUMNS_FASTEST"] = EXPAND_COLUMNS_FASTEST
             extra["COLUMN_BLOCKS"] = column_blocks
+            pipelined = (column_blocks > 1 and named["K"] <= named["BLOCK_K"]
+                         and (named["SLICE_NUM"] == 1 or extra["ALIGNED_SLICES"]))
+            extra["PREFETCH_STAGES"] = EXPAND_PREFETCH_STAGES if pipelined else 0
         return (blocks, vllm_grid[1], 1), extra
 
     def tile_map(self, named: dict, extra: dict):

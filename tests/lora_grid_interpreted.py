@@ -60,7 +60,7 @@ def tile_map(counts: list[int], ids: list[int], block_m: int, launched: int) -> 
 def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], add_inputs: bool,
                 with_base_tokens: bool, **settings) -> dict:
     """settings: lora_grid module settings for this case (TILE_MAP_FROM_ENTRIES, EXPAND_COLUMNS_FASTEST,
-    EXPAND_COLUMN_BLOCKS, EXPAND_MIN_PROGRAMS_PER_TILE)."""
+    EXPAND_COLUMN_BLOCKS, EXPAND_MIN_PROGRAMS_PER_TILE, EXPAND_PREFETCH_STAGES)."""
     rank = 16
     gen = torch.Generator().manual_seed(seed)
     low = -1 if with_base_tokens else 0
@@ -89,7 +89,8 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
                              "tile_map": bool(compact and compact[1]["TILE_MAP"]),
                              "aligned_slices": bool(compact and compact[1]["ALIGNED_SLICES"]),
                              "columns_fastest": bool(compact and compact[1]["COLUMNS_FASTEST"]),
-                             "column_blocks": compact[1]["COLUMN_BLOCKS"] if compact else None})
+                             "column_blocks": compact[1]["COLUMN_BLOCKS"] if compact else None,
+                             "prefetch_stages": compact[1]["PREFETCH_STAGES"] if compact else None})
             return compact
 
     kept_settings = {name: getattr(lora_grid, name) for name in settings}
@@ -174,7 +175,15 @@ def main() -> None:
                       expand_case(15, 200, 4, (160, 48, 48), True, True, **several(2)),
                       expand_case(16, 300, 8, (320, 320), True, False, TILE_MAP_FROM_ENTRIES=0, **several(2)),
                       expand_case(17, 200, 4, (300,), True, True, **several(2)),
-                      expand_case(18, 200, 4, (136, 40, 24), False, True, **several(3))]
+                      expand_case(18, 200, 4, (136, 40, 24), False, True, **several(3)),
+                      # ... through the pipelined loop (the rank within one BLOCK_K: 16 in vLLM's default 32):
+                      # qkv-like, gate_up-like without adding to the output, one slice; unaligned slices keep
+                      # vLLM's per-block code
+                      expand_case(19, 200, 4, (160, 48, 48), True, True, **several(2), EXPAND_PREFETCH_STAGES=2),
+                      expand_case(20, 300, 8, (320, 320), False, False, TILE_MAP_FROM_ENTRIES=0, **several(3),
+                                  EXPAND_PREFETCH_STAGES=3),
+                      expand_case(21, 200, 4, (300,), True, True, **several(2), EXPAND_PREFETCH_STAGES=2),
+                      expand_case(22, 200, 4, (136, 40, 24), True, True, **several(3), EXPAND_PREFETCH_STAGES=2)]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

@@ -389,7 +389,8 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
         def output(self, config):
             grid = ("vllm" if not state["installed"] else "compact" if lora_grid.TILE_MAP_FROM_ENTRIES else
                     "compact_map" if not lora_grid.EXPAND_COLUMNS_FASTEST else "compact_map_columns" + (
-                        f"_x{lora_grid.EXPAND_COLUMN_BLOCKS}" if lora_grid.EXPAND_COLUMN_BLOCKS > 1 else ""))
+                        f"_x{lora_grid.EXPAND_COLUMN_BLOCKS}" if lora_grid.EXPAND_COLUMN_BLOCKS > 1 else "") + (
+                        f"_p{lora_grid.EXPAND_PREFETCH_STAGES}" if lora_grid.EXPAND_PREFETCH_STAGES else ""))
             seen.append((self.op, grid, config["block_m"]))
             return torch.ones(2)
 
@@ -397,10 +398,13 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
             return {64: 10.0, 16: 5.0, 32: 2.5}[config["block_m"]]
 
     monkeypatch.setattr(lora_kernels, "_KernelBench", Bench)
-    server_settings = (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST,
-                       lora_grid.EXPAND_COLUMN_BLOCKS)
+    def settings():
+        return (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST, lora_grid.EXPAND_COLUMN_BLOCKS,
+                lora_grid.EXPAND_MIN_PROGRAMS_PER_TILE, lora_grid.EXPAND_PREFETCH_STAGES)
+
+    server_settings = settings()
     gpu_lora_grid.main(["--slots", "256", "--batches", "512", "--actives", "256", "--grids",
-                        "vllm,compact,compact_map,compact_map_columns,compact_map_columns_x4",
+                        "vllm,compact,compact_map,compact_map_columns,compact_map_columns_x4,compact_map_columns_x8_p3",
                         "--config", 'bm16={"expand": {"block_m": 16}}',
                         "--table", f"tuned={table}", "--out", str(tmp_path / "grid.json")])
     result = json.loads((tmp_path / "grid.json").read_text())
@@ -413,12 +417,11 @@ def test_kernel_grid_benchmark_times_every_grid_and_config(tmp_path, monkeypatch
     grids_timed = {(op, grid, block_m) for op, grid, block_m in seen}
     assert ("expand", "compact_map", 16) in grids_timed and ("shrink", "compact_map", 16) not in grids_timed
     assert {grid for _, grid, _ in seen} == {"vllm", "compact", "compact_map", "compact_map_columns",
-                                             "compact_map_columns_x4"}
+                                             "compact_map_columns_x4", "compact_map_columns_x8_p3"}
     # each kernel's reference and its three variants' "vllm" timings ran on vLLM's kernels, after compact grids
     assert sum(grid == "vllm" for _, grid, _ in seen) == 8 * (1 + 3)
     # each grid's settings held for its own timings only: what runs next in this process gets the server's
-    assert (lora_grid.TILE_MAP_FROM_ENTRIES, lora_grid.EXPAND_COLUMNS_FASTEST,
-            lora_grid.EXPAND_COLUMN_BLOCKS) == server_settings
+    assert settings() == server_settings
     with pytest.raises(SystemExit):
         gpu_lora_grid.main(["--grids", "vllm,fast", "--out", str(tmp_path / "x.json")])
     for bad in ("server=" + str(table), "tuned=" + str(tmp_path / "missing"), "=" + str(table)):

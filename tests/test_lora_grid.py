@@ -46,21 +46,24 @@ def test_compact_expand_computes_what_vllms_kernel_computes(interpreted):
         assert case["compact_vs_reference"] < 2e-3, case  # float16 rounding
         assert case["changed_rows"] > 0
     compact = [c for c in interpreted["expand"] if c["launches"][0]["compact_grid"]]
-    assert len(compact) == 17, "the cases meant for the compact grid did not use it"
+    assert len(compact) == 21, "the cases meant for the compact grid did not use it"
     # the settings reached the launch: the tile map (lora_ids has 5 or 9 entries, so only where forced) ...
     assert [c["launches"][0]["tile_map"] for c in compact] == [False, False, True, True, False, True, False, False,
                                                                 True, False, False, False, True,
-                                                                False, True, False, False]
+                                                                False, True, False, False, False, True, False, False]
     # ... the expand's block order: output columns fastest by default, vLLM's order in cases 11-14 ...
     assert lora_grid.EXPAND_COLUMNS_FASTEST
-    assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4 + [True] * 4
+    assert [c["launches"][0]["columns_fastest"] for c in compact] == [True] * 9 + [False] * 4 + [True] * 8
     # ... and the output blocks a program does: one where a tile has few blocks (every default case here), several
     # where a case asks for them however few (the grid shrinks with them)
-    assert [c["launches"][0]["column_blocks"] for c in compact] == [1] * 13 + [2, 2, 2, 3]
+    assert [c["launches"][0]["column_blocks"] for c in compact] == [1] * 13 + [2, 2, 2, 3, 2, 3, 2, 3]
+    # ... and the pipelined loop only where a case asks for it and its slices are aligned or one (not case 22)
+    assert [c["launches"][0]["prefetch_stages"] for c in compact] == [0] * 17 + [2, 3, 2, 0]
     # every slice 16-aligned (48/16/16, 64/64) takes the aligned path; one slice, or widths of 40 and 24, not
     assert [c["launches"][0]["aligned_slices"] for c in compact] == [True, True, True, True, True, True, False,
                                                                       False, False, True, True, False, False,
-                                                                      True, True, False, False]
+                                                                      True, True, False, False, True, True, False,
+                                                                      False]
     for case in compact:
         vllm_grid, compact_grid = case["launches"][0]["vllm_grid"], case["launches"][0]["compact_grid"]
         assert compact_grid[2] == 1 and compact_grid[1] == vllm_grid[1]
