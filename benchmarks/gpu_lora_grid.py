@@ -38,8 +38,9 @@ from gpu_common import SHAPES, log, versions, write_result  # noqa: E402
 # per-block code for each, or the pipelined loop S stages deep).
 _MAP_COLUMNS = {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": True, "EXPAND_PREFETCH_STAGES": 0}
 GRIDS = {"vllm": None,
-         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
-         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False, "EXPAND_COLUMN_BLOCKS": 1},
+         # vLLM's block order: one output block a program whatever EXPAND_COLUMN_BLOCKS (CompactLaunch.grid)
+         "compact": {"TILE_MAP_FROM_ENTRIES": 10**9, "EXPAND_COLUMNS_FASTEST": False},
+         "compact_map": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_COLUMNS_FASTEST": False},
          "compact_map_columns": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": 1},
          **{f"compact_map_columns_x{n}": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": n, "EXPAND_MIN_PROGRAMS_PER_TILE": 1}
             for n in (2, 4, 8)},

@@ -354,10 +354,9 @@ class BurstSampler:
             values = [q[key] for q in queue if key in q]
             if values:
                 out[name] = round(max(values), 1)
-        whole = [q for t, q in self.queue if t >= end and "page_kib" in q][:1]  # the whole page, after the burst
-        for key, name in (("page_kib", "metrics_page_kib"), ("page_ms", "metrics_page_ms")):
-            if whole:
-                out[name] = round(whole[0][key], 1)
+        whole = next((q for t, q in self.queue if t >= end and "page_kib" in q), None)  # the page after the burst
+        if whole is not None:
+            out["metrics_page_kib"], out["metrics_page_ms"] = round(whole["page_kib"], 1), round(whole["page_ms"], 1)
         # counters: from the last sample before the burst to the first after it
         for key, name, scale in (("full_gcs", "front_end_full_gcs", None),
                                  ("full_gc_s", "front_end_full_gc_ms", 1000),
