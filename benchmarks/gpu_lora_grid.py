@@ -46,9 +46,12 @@ GRIDS = {"vllm": None,
             for n in (2, 4, 8)},
          **{f"compact_map_columns_x{n}_p{stages}": {**_MAP_COLUMNS, "EXPAND_COLUMN_BLOCKS": n,
                                                     "EXPAND_MIN_PROGRAMS_PER_TILE": 1,
-                                                    "EXPAND_PREFETCH_STAGES": stages}
+                                                    "EXPAND_PREFETCH_STAGES": stages,
+                                                    "EXPAND_PIPELINE_FROM_BLOCKS": 1}
             for n in (4, 8, 16) for stages in (1, 2, 3)},
-         "compact_map_server": {"TILE_MAP_FROM_ENTRIES": 0}}
+         "compact_map_server": {"TILE_MAP_FROM_ENTRIES": 0},
+         # the server's rule without the pipelined loop (its default until the twentieth session)
+         "compact_map_server_p0": {"TILE_MAP_FROM_ENTRIES": 0, "EXPAND_PREFETCH_STAGES": 0}}
 
 
 @contextlib.contextmanager
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                              "in vLLM's block order; compact_map_columns: the same in the server's order, one output "
                              "block per expand program; compact_map_columns_xN: N blocks a program whatever the layer; "
                              "compact_map_columns_xN_pS: the same through the pipelined loop, S stages deep; "
-                             "compact_map_server: the tile map with the server's other settings).")
+                             "compact_map_server: the tile map with the server's other settings; compact_map_server_p0: the "
+                             "same without the pipelined loop).")
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
                              "parameters over the server's config (repeatable).")

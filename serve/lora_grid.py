@@ -329,9 +329,14 @@ def _column_blocks_from_env(default: int) -> int:
 EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(4)
 
 # Where a program does several blocks of a slice whose rank fits one BLOCK_K (aligned multi-slice layers and layers
-# of one slice): 0 calls vLLM's per-block code for each block; N > 0 runs expand_blocks_pipelined, N stages deep.
-# Off until an H200 run shows it pays (BENCHMARKS.md, nineteenth session, "Next").
-EXPAND_PREFETCH_STAGES = 0
+# of one slice) and its tiles are at least EXPAND_PIPELINE_FROM_BLOCKS blocks wide: 0 calls vLLM's per-block code for
+# each block; N > 0 runs expand_blocks_pipelined, N stages deep, so the next blocks' B weights load while one block
+# computes. On an H200 at 256-1,024 tokens it took gate_up's expand (224 blocks a tile) from 174 to 126 us over 221
+# adapters and from 38 to 29 us over 32 at 512 tokens, the same with one adapter; qkv's (64 blocks a tile) ran slower
+# through it (50 -> 58 us over 221, 12.5 -> 14.7 over 32; why is not known), hence the width it starts from
+# (BENCHMARKS.md, twentieth session).
+EXPAND_PREFETCH_STAGES = 2
+EXPAND_PIPELINE_FROM_BLOCKS = 128
 
 
 def expand_column_blocks(blocks_per_tile: int) -> int:
@@ -410,8 +415,8 @@ class CompactLaunch:
             extra["ALIGNED_SLICES"] = self.slice_layout is not None and self.slice_layout.slices_aligned(named)
             extra["COLUMNS_FASTEST"] = EXPAND_COLUMNS_FASTEST
             extra["COLUMN_BLOCKS"] = column_blocks
-            pipelined = (column_blocks > 1 and named["K"] <= named["BLOCK_K"]
-                         and (named["SLICE_NUM"] == 1 or extra["ALIGNED_SLICES"]))
+            pipelined = (column_blocks > 1 and blocks_per_tile >= EXPAND_PIPELINE_FROM_BLOCKS
+                         and named["K"] <= named["BLOCK_K"] and (named["SLICE_NUM"] == 1 or extra["ALIGNED_SLICES"]))
             extra["PREFETCH_STAGES"] = EXPAND_PREFETCH_STAGES if pipelined else 0
         return (blocks, vllm_grid[1], 1), extra
 

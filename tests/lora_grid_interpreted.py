@@ -131,9 +131,11 @@ def expand_case(seed: int, tokens: int, max_loras: int, sizes: tuple[int, ...], 
             "changed_rows": int((by_compact != start.float()).any(dim=1).sum())}
 
 
-def several(column_blocks: int) -> dict:
-    """Settings for `column_blocks` output blocks a program however few blocks a tile has (these layers are narrow)."""
-    return {"EXPAND_COLUMN_BLOCKS": column_blocks, "EXPAND_MIN_PROGRAMS_PER_TILE": 1}
+def several(column_blocks: int, stages: int = 0) -> dict:
+    """Settings for `column_blocks` output blocks a program, through the pipelined loop `stages` deep (0: vLLM's
+    per-block code), however few blocks a tile has (these layers are narrow)."""
+    return {"EXPAND_COLUMN_BLOCKS": column_blocks, "EXPAND_MIN_PROGRAMS_PER_TILE": 1,
+            "EXPAND_PREFETCH_STAGES": stages, "EXPAND_PIPELINE_FROM_BLOCKS": 1}
 
 
 def main() -> None:
@@ -179,11 +181,11 @@ def main() -> None:
                       # ... through the pipelined loop (the rank within one BLOCK_K: 16 in vLLM's default 32):
                       # qkv-like, gate_up-like without adding to the output, one slice; unaligned slices keep
                       # vLLM's per-block code
-                      expand_case(19, 200, 4, (160, 48, 48), True, True, **several(2), EXPAND_PREFETCH_STAGES=2),
-                      expand_case(20, 300, 8, (320, 320), False, False, TILE_MAP_FROM_ENTRIES=0, **several(3),
-                                  EXPAND_PREFETCH_STAGES=3),
-                      expand_case(21, 200, 4, (300,), True, True, **several(2), EXPAND_PREFETCH_STAGES=2),
-                      expand_case(22, 200, 4, (136, 40, 24), True, True, **several(3), EXPAND_PREFETCH_STAGES=2)]
+                      expand_case(19, 200, 4, (160, 48, 48), True, True, **several(2, stages=2)),
+                      expand_case(20, 300, 8, (320, 320), False, False, TILE_MAP_FROM_ENTRIES=0,
+                                  **several(3, stages=3)),
+                      expand_case(21, 200, 4, (300,), True, True, **several(2, stages=2)),
+                      expand_case(22, 200, 4, (136, 40, 24), True, True, **several(3, stages=2))]
     json.dump({"tiles": tile_results, "expand": expand_results}, sys.stdout)
 
 

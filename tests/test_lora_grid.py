@@ -245,6 +245,26 @@ def test_expand_launch_passes_the_aligned_path_choice():
         assert compact_kernel.launches[-1][2]["ALIGNED_SLICES"] is aligned
 
 
+def test_expand_pipelines_a_programs_blocks_only_in_wide_tiles_whose_rank_fits_one_k_block(monkeypatch):
+    monkeypatch.setattr(lora_grid, "EXPAND_COLUMN_BLOCKS", 4)
+    vllm_kernel, compact_kernel = _Kernel(), _Kernel()
+    expand = lora_grid.CompactLaunch("expand", compact_kernel, lora_grid.EXPAND_PARAMS, vllm_kernel)
+
+    def stages(**values) -> int:
+        named = {"N": 14336, "BLOCK_N": 64, "K": 16, "BLOCK_K": 32, "SLICE_NUM": 1, **values}
+        expand[(8 * 224, named["SLICE_NUM"], 16)](*_args(lora_grid.EXPAND_PARAMS, **named))
+        return compact_kernel.launches[-1][2]["PREFETCH_STAGES"]
+
+    assert (lora_grid.EXPAND_PREFETCH_STAGES, lora_grid.EXPAND_PIPELINE_FROM_BLOCKS) == (2, 128)
+    assert stages() == 2  # gate_up-like: 224 blocks a tile
+    assert stages(N=8192) == 2  # 128 blocks
+    assert stages(N=4096) == 0  # qkv-like: 64 blocks a tile, slower pipelined on an H200
+    assert stages(K=64) == 0  # rank 64 over two K blocks: vLLM's per-block code
+    assert stages(SLICE_NUM=2) == 0  # slices not checked aligned (no SliceLayout)
+    monkeypatch.setattr(lora_grid, "EXPAND_COLUMN_BLOCKS", 1)
+    assert stages() == 0  # one block a program: nothing to pipeline
+
+
 def test_install_keeps_vllms_grid_for_kernels_with_other_parameters(vllm_kernels, monkeypatch):
     shrink_op, expand_op = vllm_kernels
     monkeypatch.setattr(shrink_op._lora_shrink_kernel, "arg_names", [*lora_grid.SHRINK_PARAMS[:-1], "PARTIAL_N",
