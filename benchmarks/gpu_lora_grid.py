@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                              "in vLLM's block order; compact_map_columns: the same in the server's order, one output "
                              "block per expand program; compact_map_columns_xN: N blocks a program whatever the layer; "
                              "compact_map_columns_xN_pS: the same through the pipelined loop, S stages deep; "
-                             "compact_map_server: the tile map with the server's other settings; compact_map_server_p0: the "
-                             "same without the pipelined loop).")
+                             "compact_map_server: the tile map with the server's other settings; "
+                             "compact_map_server_p0: the same without the pipelined loop).")
     parser.add_argument("--config", type=parse_config, action="append", default=[],
                         help='NAME={"shrink": {...}, "expand": {...}}: also time every grid with these tile '
                              "parameters over the server's config (repeatable).")

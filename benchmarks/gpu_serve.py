@@ -418,7 +418,8 @@ def gpu_busy_reader():
 
 def vllm_lora_flags(sizing) -> list[str]:
     """vLLM server flags for the LoRA settings `loraplex serve` uses on a GPU (specialize-active-lora and the
-    compact LoRA grid are its defaults there; vLLM's server gets the grid through the same worker extension)."""
+    compact LoRA grid are its defaults there; vLLM's server gets the grid, and the one-lookup adapter check that
+    comes with it, through the same worker extension)."""
     from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER
 
     return ["--enable-lora", "--max-loras", str(sizing.max_loras), "--max-cpu-loras", str(sizing.max_cpu_loras),

@@ -81,8 +81,10 @@ def specialize_active_lora(config: ServeConfig, *, cpu: bool, supported: bool) -
     return True
 
 
-# vLLM imports this class in its worker process (ParallelConfig.worker_extension_cls); importing its module is what
-# installs the compact LoRA grid there, where the kernels run
+# vLLM imports one of these classes in its worker process (ParallelConfig.worker_extension_cls); importing its module
+# is what installs there, where the engine's steps run, the one-lookup adapter check (serve/adapter_lookup.py), and
+# with the compact LoRA grid on, that grid too
+ADAPTER_LOOKUP_WORKER = "loraplex.serve.adapter_lookup_worker.OneAdapterLookup"
 COMPACT_LORA_GRID_WORKER = "loraplex.serve.lora_grid_worker.CompactLoRAGrid"
 
 
@@ -133,8 +135,8 @@ def engine_args_from(config: ServeConfig, loras: LoraSizing, *, cpu: bool):
                                                                                         "specialize_active_lora")),
     )
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    if compact_lora_grid(config, cpu=cpu):
-        kwargs["worker_extension_cls"] = COMPACT_LORA_GRID_WORKER
+    kwargs["worker_extension_cls"] = (COMPACT_LORA_GRID_WORKER if compact_lora_grid(config, cpu=cpu)
+                                      else ADAPTER_LOOKUP_WORKER)
     kv_cache_gb = config.kv_cache_gb if config.kv_cache_gb is not None else (CPU_DEFAULT_KV_CACHE_GB if cpu else None)
     if kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))

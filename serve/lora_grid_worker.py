@@ -1,4 +1,5 @@
-"""The compact LoRA grid (serve/lora_grid.py) in vLLM's worker process, where the LoRA kernels run.
+"""The compact LoRA grid (serve/lora_grid.py) in vLLM's worker process, where the LoRA kernels run, and the
+one-lookup adapter check (serve/adapter_lookup_worker.py, imported below).
 
 `loraplex serve --compact-lora-grid` names `CompactLoRAGrid` as vLLM's worker extension class
 (ParallelConfig.worker_extension_cls); vLLM imports this module in each worker before it loads the model and captures
@@ -7,6 +8,8 @@ which would apply to every vLLM server on the machine.
 """
 
 import logging
+
+import loraplex.serve.adapter_lookup_worker  # noqa: F401  (its import installs the adapter check)
 
 
 def _install() -> str:

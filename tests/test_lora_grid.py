@@ -298,14 +298,19 @@ def test_install_does_nothing_without_a_gpu(monkeypatch):
     assert lora_shrink_op._lora_shrink_kernel is before
 
 
-def test_worker_extension_adds_nothing_to_vllms_worker():
-    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER
+def test_worker_extensions_add_nothing_to_vllms_worker():
+    from loraplex.serve import adapter_lookup
+    from loraplex.serve.adapter_lookup_worker import OneAdapterLookup
+    from loraplex.serve.engine import ADAPTER_LOOKUP_WORKER, COMPACT_LORA_GRID_WORKER
     from loraplex.serve.lora_grid_worker import CompactLoRAGrid
 
-    module, name = COMPACT_LORA_GRID_WORKER.rsplit(".", 1)
-    assert (CompactLoRAGrid.__module__, CompactLoRAGrid.__name__) == (module, name)
-    # vLLM refuses an extension class whose attributes clash with its worker's
-    assert [attr for attr in dir(CompactLoRAGrid) if not attr.startswith("__")] == []
+    adapter_lookup.restore()  # importing them installed the adapter check in this process: not for other tests
+
+    for named, extension in ((COMPACT_LORA_GRID_WORKER, CompactLoRAGrid), (ADAPTER_LOOKUP_WORKER, OneAdapterLookup)):
+        module, name = named.rsplit(".", 1)
+        assert (extension.__module__, extension.__name__) == (module, name)
+        # vLLM refuses an extension class whose attributes clash with its worker's
+        assert [attr for attr in dir(extension) if not attr.startswith("__")] == []
 
 
 def test_expand_column_blocks_come_from_the_environment_when_set(monkeypatch):

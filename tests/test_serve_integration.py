@@ -203,10 +203,11 @@ def test_sampling_fields(client):
     assert "France" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
 
 
-def test_compact_lora_grid_reaches_vllms_worker(server):
+def test_compact_lora_grid_and_adapter_check_reach_vllms_worker(server):
     # vLLM imported loraplex's worker extension in its engine process, where on CPU no Triton LoRA kernel runs
     assert wait_until(lambda: "LoRA kernels: no CUDA GPU here" in server_log(server), timeout=10), \
         server_log(server)[-3000:]
+    assert "LoRA adapters: one lookup per adapter and step" in server_log(server)
 
 
 def test_warmup_runs_the_registry_adapters_before_ready(base_model_dir, tmp_path):
@@ -225,6 +226,8 @@ def test_warmup_runs_the_registry_adapters_before_ready(base_model_dir, tmp_path
         # 1 or 2 adapters of 3 in batches of 1,000-2,048 tokens, then one token of each of the 3 (filling slots)
         assert (batches, adapters, smallest) == (9, 3, 3) and largest <= 2048
         assert log.index("warm-up:") < log.index("Uvicorn running")
+        # without the compact grid (the CPU default) vLLM's worker still gets the adapter check
+        assert "LoRA adapters: one lookup per adapter and step" in log and "LoRA kernels:" not in log
         answer = openai.OpenAI(base_url=url + "/v1", api_key="-").completions.create(
             model="t3", prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True})
         assert answer.usage.completion_tokens == 2

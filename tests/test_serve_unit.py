@@ -409,13 +409,14 @@ def test_lora_grids_follow_the_active_adapters_where_cuda_graphs_run(tmp_path):
         specialize_active_lora(_config(tmp_path, specialize_active_lora=True), cpu=False, supported=False)
 
 
-def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus(tmp_path):
-    from loraplex.serve.engine import COMPACT_LORA_GRID_WORKER, engine_args_from
+def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus_and_the_adapter_check_everywhere(tmp_path):
+    from loraplex.serve.engine import ADAPTER_LOOKUP_WORKER, COMPACT_LORA_GRID_WORKER, engine_args_from
 
     loras = LoraSizing(max_loras=16, max_cpu_loras=32, max_lora_rank=16)
     assert engine_args_from(_config(tmp_path), loras, cpu=False).worker_extension_cls == COMPACT_LORA_GRID_WORKER
-    assert not engine_args_from(_config(tmp_path), loras, cpu=True).worker_extension_cls
-    assert not engine_args_from(_config(tmp_path, compact_lora_grid=False), loras, cpu=False).worker_extension_cls
+    assert engine_args_from(_config(tmp_path), loras, cpu=True).worker_extension_cls == ADAPTER_LOOKUP_WORKER
+    assert engine_args_from(_config(tmp_path, compact_lora_grid=False), loras,
+                            cpu=False).worker_extension_cls == ADAPTER_LOOKUP_WORKER
     assert engine_args_from(_config(tmp_path, compact_lora_grid=True), loras,
                             cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
 
