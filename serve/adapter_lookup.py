@@ -4,11 +4,11 @@ Before every step vLLM's worker hands `LRUCacheWorkerLoRAManager.add_adapter` ea
 asks whether the adapter is in host memory with `lora_int_id not in self.list_adapters()`: a new set built from the
 whole CPU cache, read through cachetools' Python mapping view. That is (adapters in the step) x (adapters cached)
 entries a step, on the engine's one busy thread: with 221 adapters in a step over a 272-adapter cache (uniform
-traffic over 256 adapters) 14 ms a step on this project's 2-core CPU machine, against a decode step of ~45 ms on an
-H200 (benchmarks/cpu_adapter_lookup.py, BENCHMARKS.md). `install` puts a fast path in front of vLLM's `add_adapter`: an
-adapter already in the cache (the common case) is found with the cache's own `get` and activated as vLLM does;
-every other request (a new adapter, `load_inplace`) goes to vLLM's code unchanged. Written by hand: vLLM has no
-setting for it.
+traffic over 256 adapters) 14.5 ms a step on this project's 2-core CPU machine, against ~50 ms for a whole decode
+step on an H200 (benchmarks/cpu_adapter_lookup.py, BENCHMARKS.md). `install` puts a fast path in front of vLLM's
+`add_adapter`: an adapter already in the cache (the common case) is found with the cache's own `get` and activated
+as vLLM does; every other request (a new adapter, `load_inplace`) goes to vLLM's code unchanged. Written by hand:
+vLLM has no setting for it.
 """
 
 from __future__ import annotations
