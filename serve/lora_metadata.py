@@ -34,13 +34,19 @@ def slot_indices(lora_ids, index_of: dict[int, int]) -> np.ndarray:
     return slots[inverse.reshape(-1)]
 
 
-def _copy(destination, values: np.ndarray) -> None:
+def _copy_all(pairs) -> None:
+    """Copy each (device tensor, values) pair without waiting, from one pinned buffer (one pinned allocation a
+    batch rather than one a tensor)."""
     import torch
 
-    source = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
-    if destination.is_cuda:
+    values = [np.asarray(v, dtype=np.int32).reshape(-1) for _, v in pairs]
+    source = torch.from_numpy(np.concatenate(values))
+    if pairs[0][0].is_cuda:
         source = source.pin_memory()  # a non-blocking copy from pageable memory would wait for the stream
-    destination.copy_(source, non_blocking=True)
+    start = 0
+    for (destination, _), v in zip(pairs, values):
+        destination.copy_(source[start:start + len(v)], non_blocking=True)
+        start += len(v)
 
 
 def prepare_on_host(meta, slots: np.ndarray) -> None:
@@ -52,11 +58,11 @@ def prepare_on_host(meta, slots: np.ndarray) -> None:
         return
     tokens = len(slots)
     adapters, counts = np.unique(slots, return_counts=True)
-    _copy(meta.token_lora_mapping[:tokens], slots)
-    _copy(meta.token_indices_sorted_by_lora_ids[:tokens], np.argsort(slots, kind="stable"))
-    _copy(meta.active_lora_ids[:len(adapters)], adapters)
-    _copy(meta.num_tokens_per_lora[:len(counts)], counts)
-    _copy(meta.lora_token_start_loc[1:1 + len(counts)], np.cumsum(counts))
+    _copy_all([(meta.token_lora_mapping[:tokens], slots),
+               (meta.token_indices_sorted_by_lora_ids[:tokens], np.argsort(slots, kind="stable")),
+               (meta.active_lora_ids[:len(adapters)], adapters),
+               (meta.num_tokens_per_lora[:len(counts)], counts),
+               (meta.lora_token_start_loc[1:1 + len(counts)], np.cumsum(counts))])
     active = len(adapters)
     # rounded up to a CUDA-graph capture key, as vLLM does
     if meta.captured_lora_counts:
@@ -79,7 +85,7 @@ def install() -> str:
     """Make vLLM's GPU punica wrapper in this process build the kernels' metadata on the host, where asked
     (METADATA_ON_HOST_ENV). Returns what it did, for the log."""
     if os.environ.get(METADATA_ON_HOST_ENV, "").strip() != "1":
-        return f"built by vLLM on the GPU ({METADATA_ON_HOST_ENV}=1 builds it on the host)"
+        return f"built by vLLM ({METADATA_ON_HOST_ENV}=1 builds it on the host without waiting for the GPU)"
     try:
         from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
         from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
