@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import log, versions, write_result  # noqa: E402
+from gpu_common import log, write_cases  # noqa: E402
 
 SLOTS = 232
 
@@ -55,10 +55,7 @@ def main(argv=None) -> None:
             us = time_us(tokens, active)
             cases.append({"tokens": tokens, "active": active, "host_us": round(us, 1)})
             log(f"{tokens} tokens over {active} adapters: {us:,.0f} us on the host")
-    if args.out:
-        write_result(args.out, {"kind": "lora_metadata", "date": time.strftime("%Y-%m-%d"), "versions": versions(),
-                                "cases": cases})
-        log(f"wrote {args.out}")
+    write_cases(args.out, "lora_metadata", cases)
 
 
 if __name__ == "__main__":
