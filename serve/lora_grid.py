@@ -310,7 +310,8 @@ EXPAND_COLUMNS_FASTEST = True
 # expands (64 and 224 blocks of 64 columns a tile) 1.05-1.30x faster (gate_up 215 -> 175 us at 512 tokens over 221),
 # while o's and down's (16 blocks of 256 columns) ran 6-17% slower with two a program and worse with more: too few
 # programs left to fill the GPU. Those timings add up to 1.05-1.15x for one decoder layer's LoRA kernels with this
-# rule (not yet timed as one run, nor at prefill sizes; BENCHMARKS.md, nineteenth session).
+# rule at decode sizes (nineteenth session; not timed there as one run); at 2,048 and 8,192 tokens, timed as one run
+# against one block a program, 1.13-1.19x over 32 and 221 adapters (BENCHMARKS.md, twentieth session).
 # LORAPLEX_EXPAND_COLUMN_BLOCKS sets another cap for benchmarks (a server's worker processes inherit it).
 EXPAND_COLUMN_BLOCKS_ENV = "LORAPLEX_EXPAND_COLUMN_BLOCKS"
 EXPAND_MIN_PROGRAMS_PER_TILE = 16
@@ -333,8 +334,9 @@ EXPAND_COLUMN_BLOCKS = _column_blocks_from_env(4)
 # each block; N > 0 runs expand_blocks_pipelined, N stages deep, so the next blocks' B weights load while one block
 # computes. On an H200 at 256-1,024 tokens it took gate_up's expand (224 blocks a tile) from 174 to 126 us over 221
 # adapters and from 38 to 29 us over 32 at 512 tokens, the same with one adapter; qkv's (64 blocks a tile) ran slower
-# through it (50 -> 58 us over 221, 12.5 -> 14.7 over 32; why is not known), hence the width it starts from
-# (BENCHMARKS.md, twentieth session).
+# through it (50 -> 58 us over 221, 12.5 -> 14.7 over 32; why is not known), hence the width it starts from. With
+# that width, one decoder layer's LoRA kernels 1.07-1.15x at 256-2,048 tokens over 32 and 221 adapters, 1.00x at
+# 8,192 and with one adapter (BENCHMARKS.md, twentieth session).
 EXPAND_PREFETCH_STAGES = 2
 EXPAND_PIPELINE_FROM_BLOCKS = 128
 

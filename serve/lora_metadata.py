@@ -76,6 +76,8 @@ def update_metadata_on_host(self, mapping, lora_index_to_id, max_loras, vocab_si
     """Stands in for `PunicaWrapperGPU.update_metadata`: vLLM's base metadata, then the kernels' from the host."""
     self.is_prefill = mapping.is_prefill
     self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+    # vLLM's convert_mapping (inside the call above) derives the same slots on the host but hands back only device
+    # tensors, so they are derived again here: a dict of the slots and one lookup per distinct adapter id
     index_of = {lora_id: index for index, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
     prepare_on_host(self.token_mapping_meta, slot_indices(mapping.index_mapping, index_of))
     prepare_on_host(self.prompt_mapping_meta, slot_indices(mapping.prompt_mapping, index_of))
