@@ -41,9 +41,18 @@ def add_adapter_with_one_lookup(vllm_add_adapter, sync_allowed=contextlib.nullco
     return add_adapter
 
 
+def vllms_lookup_asked() -> bool:
+    """Whether ADAPTER_LOOKUP_ENV asks for vLLM's own add_adapter; any value but unset or "vllm" is an error."""
+    value = os.environ.get(ADAPTER_LOOKUP_ENV, "").strip()
+    if value not in ("", "vllm"):
+        raise ValueError(f"{ADAPTER_LOOKUP_ENV}={value!r}: set it to 'vllm' for vLLM's own adapter lookup, or unset "
+                         "it for loraplex's one lookup per adapter and step")
+    return value == "vllm"
+
+
 def install() -> str:
     """Put the fast path in front of vLLM's add_adapter in this process. Returns what it did, for the log."""
-    if os.environ.get(ADAPTER_LOOKUP_ENV, "").strip() == "vllm":
+    if vllms_lookup_asked():
         return f"{ADAPTER_LOOKUP_ENV}=vllm: vLLM's adapter lookup"
     try:
         from vllm.lora import worker_manager

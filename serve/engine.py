@@ -162,6 +162,18 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
     return folder
 
 
+def check_worker_settings() -> None:
+    """The environment settings loraplex's worker extension reads in vLLM's worker process, checked here first: a
+    bad value there would stop the engine's start with the message deep in a worker's traceback."""
+    from loraplex.serve import adapter_lookup, lora_metadata
+
+    try:
+        adapter_lookup.vllms_lookup_asked()
+        lora_metadata.on_host_asked()
+    except ValueError as e:
+        raise LoraplexError(str(e)) from None
+
+
 def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_dirs=(), base_modules=None):
     """Start the engine (its core runs in a child process). Must be called inside the server's event loop.
     cpu: whether vLLM runs on CPU here (on_cpu()).
@@ -172,6 +184,7 @@ def build_engine(config: ServeConfig, loras: LoraSizing, *, cpu: bool, adapter_d
 
     from loraplex.serve import pinned_memory
 
+    check_worker_settings()
     reserve_mib, why = pinned_memory.plan(config, loras, list(adapter_dirs), base_modules or {}, cpu=cpu)
     use_lora_kernel_configs(config, loras, cpu=cpu)
     args = engine_args_from(config, loras, cpu=cpu)

@@ -83,10 +83,20 @@ def update_metadata_on_host(self, mapping, lora_index_to_id, max_loras, vocab_si
     prepare_on_host(self.prompt_mapping_meta, slot_indices(mapping.prompt_mapping, index_of))
 
 
+def on_host_asked() -> bool:
+    """Whether METADATA_ON_HOST_ENV asks for the metadata built on the host; any value but unset, 0 or 1 is an
+    error."""
+    value = os.environ.get(METADATA_ON_HOST_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{METADATA_ON_HOST_ENV}={value!r}: set it to 1 to build the LoRA kernels' metadata on the "
+                         "host, or to 0 or unset for vLLM's own")
+    return value == "1"
+
+
 def install() -> str:
     """Make vLLM's GPU punica wrapper in this process build the kernels' metadata on the host, where asked
     (METADATA_ON_HOST_ENV). Returns what it did, for the log."""
-    if os.environ.get(METADATA_ON_HOST_ENV, "").strip() != "1":
+    if not on_host_asked():
         return f"built by vLLM ({METADATA_ON_HOST_ENV}=1 builds it on the host without waiting for the GPU)"
     try:
         from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU

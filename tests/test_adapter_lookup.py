@@ -54,6 +54,11 @@ def test_install_keeps_vllms_lookup_when_asked_or_when_vllm_changed(monkeypatch)
     monkeypatch.setenv(adapter_lookup.ADAPTER_LOOKUP_ENV, "vllm")
     assert "vLLM's adapter lookup" in adapter_lookup.install()
     assert worker_manager.LRUCacheWorkerLoRAManager.add_adapter is VLLM_ADD_ADAPTER
+    for unclear in ("off", "VLLM", "0"):  # a value that asks for neither way is refused, naming both
+        monkeypatch.setenv(adapter_lookup.ADAPTER_LOOKUP_ENV, unclear)
+        with pytest.raises(ValueError, match=f"LORAPLEX_ADAPTER_LOOKUP='{unclear}'.*'vllm'.*unset"):
+            adapter_lookup.install()
+    assert worker_manager.LRUCacheWorkerLoRAManager.add_adapter is VLLM_ADD_ADAPTER
     monkeypatch.delenv(adapter_lookup.ADAPTER_LOOKUP_ENV)
     monkeypatch.setattr(worker_manager.LRUCacheWorkerLoRAManager, "add_adapter", lambda self, request, extra: None)
     assert "differs" in adapter_lookup.install()

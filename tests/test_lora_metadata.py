@@ -78,6 +78,10 @@ def test_installed_only_where_asked(vllms_update_metadata_after, monkeypatch):
     assert punica_gpu.PunicaWrapperGPU.update_metadata is VLLM_UPDATE_METADATA
     monkeypatch.setattr(punica_gpu.PunicaWrapperGPU, "update_metadata", lambda self, mapping: None)
     assert "differs" in lora_metadata.install()
+    for unclear in ("true", "yes", "2"):  # a value that asks for neither way is refused, naming both
+        monkeypatch.setenv(lora_metadata.METADATA_ON_HOST_ENV, unclear)
+        with pytest.raises(ValueError, match=f"LORAPLEX_LORA_METADATA_ON_HOST='{unclear}'.*to 1.*0 or unset"):
+            lora_metadata.install()
 
 
 def test_metadata_benchmark_times_every_batch(tmp_path):

@@ -8,6 +8,8 @@ import concurrent.futures
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from adapter_factory import (
     make_tiny_base,
 )
 from live_server import running_server, server_log, server_pid, wait_until
+from loraplex.server_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -556,3 +559,14 @@ def test_engine_death_turns_ready_red_and_requests_503_then_exits(server, http):
     assert wait_until(lambda: process.poll() is not None, timeout=120), "the server kept running without an engine"
     assert process.returncode != 0
     assert "the inference engine died" in server_log(server)
+
+
+def test_an_unclear_worker_setting_stops_serve_before_the_engine_starts(base_model_dir, tmp_path):
+    (tmp_path / "registry").mkdir()
+    done = subprocess.run([sys.executable, "-m", "loraplex", "serve", "--base-model", str(base_model_dir),
+                           "--adapters-dir", str(tmp_path / "registry"), "--port", str(free_port())],
+                          env={**os.environ, "LORAPLEX_ADAPTER_LOOKUP": "off"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "error: LORAPLEX_ADAPTER_LOOKUP='off': set it to 'vllm'" in done.stderr
+    assert "Engine core" not in done.stderr  # stopped before vLLM's engine was started

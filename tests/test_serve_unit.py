@@ -421,6 +421,19 @@ def test_compact_lora_grid_is_installed_in_vllms_worker_on_gpus_and_the_adapter_
                             cpu=True).worker_extension_cls == COMPACT_LORA_GRID_WORKER
 
 
+def test_worker_settings_with_unclear_values_stop_the_server_before_the_engine_starts(monkeypatch):
+    from loraplex.serve.engine import check_worker_settings
+
+    monkeypatch.setenv("LORAPLEX_ADAPTER_LOOKUP", "vllm")
+    monkeypatch.setenv("LORAPLEX_LORA_METADATA_ON_HOST", "1")
+    check_worker_settings()
+    for name, unclear in (("LORAPLEX_ADAPTER_LOOKUP", "off"), ("LORAPLEX_LORA_METADATA_ON_HOST", "true")):
+        with monkeypatch.context() as env:
+            env.setenv(name, unclear)
+            with pytest.raises(LoraplexError, match=f"{name}='{unclear}': set it to"):
+                check_worker_settings()
+
+
 def test_warmup_runs_by_default_on_gpus_only(tmp_path):
     from loraplex.serve.engine import warmup_wanted
 
