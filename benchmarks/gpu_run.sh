@@ -212,9 +212,10 @@ step_wait() {
   tail -n 30 "$KEEP/detached.log"
   cp "$KEEP"/*.json "$KEEP"/profile-*.txt "$OUT"/ 2>/dev/null
   # the results come back whole; of the logs only their ends (a machine gives back few files), and loraplex's
-  # own lines (engine settings, warm-up, adapter loads, pinned reserve, LoRA kernels) from the whole log
+  # own lines (engine settings, warm-up, adapter loads, pinned reserve, its worker patches) from the whole log
   (cd "$KEEP" && for f in *.log; do
-     { grep -E "loraplex\.serve|vllm\.loraplex|LoRA kernels" "$f" | grep -v "POST " | head -n 600; echo "--- tail"
+     { grep -E "loraplex\.serve|vllm\.loraplex|LoRA (kernels|adapters):" "$f" | grep -v "POST " | head -n 600
+       echo "--- tail"
        tail -n 400 "$f"; } > "/tmp/tail-$f"; done
    tar -czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls tail-*.log))
 }

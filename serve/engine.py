@@ -165,11 +165,10 @@ def use_lora_kernel_configs(config: ServeConfig, loras: LoraSizing, *, cpu: bool
 def check_worker_settings() -> None:
     """The environment settings loraplex's worker extension reads in vLLM's worker process, checked here first: a
     bad value there would stop the engine's start with the message deep in a worker's traceback."""
-    from loraplex.serve import adapter_lookup, lora_metadata
+    from loraplex.serve import adapter_lookup
 
     try:
         adapter_lookup.vllms_lookup_asked()
-        lora_metadata.on_host_asked()
     except ValueError as e:
         raise LoraplexError(str(e)) from None
 

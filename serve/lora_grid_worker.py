@@ -1,6 +1,5 @@
-"""The compact LoRA grid (serve/lora_grid.py) in vLLM's worker process, where the LoRA kernels run, the one-lookup
-adapter check (serve/adapter_lookup_worker.py, imported below) and, where LORAPLEX_LORA_METADATA_ON_HOST=1, the
-kernels' metadata built on the host (serve/lora_metadata.py).
+"""The compact LoRA grid (serve/lora_grid.py) in vLLM's worker process, where the LoRA kernels run, and the one-lookup
+adapter check (serve/adapter_lookup_worker.py, imported below).
 
 `loraplex serve --compact-lora-grid` names `CompactLoRAGrid` as vLLM's worker extension class
 (ParallelConfig.worker_extension_cls); vLLM imports this module in each worker before it loads the model and captures
@@ -21,15 +20,8 @@ def _install() -> str:
     return install()
 
 
-def _install_metadata() -> str:
-    from loraplex.serve.lora_metadata import install
-
-    return install()
-
-
 # a child of vLLM's logger: in vLLM's worker process only vLLM has configured logging
 logging.getLogger("vllm.loraplex").info("LoRA kernels: %s", _install())
-logging.getLogger("vllm.loraplex").info("LoRA kernel metadata: %s", _install_metadata())
 
 
 class CompactLoRAGrid:
