@@ -14,13 +14,14 @@ is missing) is not part of it. Reports microseconds per step for each way and th
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import log, write_cases  # noqa: E402
+from gpu_common import log, versions, write_result  # noqa: E402
 
 
 class SlotsAndCache:
@@ -96,7 +97,10 @@ def main(argv=None) -> None:
                       "one_lookup_us_per_step": round(loraplex_us, 1), "speedup": round(vllm_us / loraplex_us, 1)})
         log(f"{active} adapters a step over {args.cached} cached: vLLM's add_adapter {vllm_us:,.0f} us a step, "
             f"one lookup {loraplex_us:,.0f} us ({vllm_us / loraplex_us:.1f}x)")
-    write_cases(args.out, "adapter_lookup", cases)
+    if args.out:
+        write_result(args.out, {"kind": "adapter_lookup", "date": datetime.date.today().isoformat(),
+                                "versions": versions(), "cases": cases})
+        log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -163,15 +163,6 @@ def write_result(path: Path, document: dict) -> Path:
     return path
 
 
-def write_cases(path: Path | None, kind: str, cases: list[dict]) -> None:
-    """Where `path` is given, the result file of a run whose only figures are its cases (with the date and
-    versions), and a line saying so."""
-    if path:
-        write_result(path, {"kind": kind, "date": datetime.date.today().isoformat(), "versions": versions(),
-                            "cases": cases})
-        log(f"wrote {path}")
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0-100), numpy's linear interpolation; None for no values."""
     import numpy as np
